@@ -1,0 +1,66 @@
+"""The method table as data: name -> handler, access level and params (snapd's daemon/api.go idea).
+
+The dispatcher checks access in one place, using only this table; a method missing from it
+does not exist, and an access level it does not know refuses the call. Handlers receive a
+``Call`` and know nothing of sockets or JSON-RPC framing.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Access(enum.Enum):
+    OPEN = "open"  # anyone who can connect to the socket
+    ADMIN = "admin"  # uid 0 or a member of socket.admin_groups
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The connecting process, from SO_PEERCRED, read once per connection."""
+
+    uid: int
+    gid: int
+    pid: int
+    is_admin: bool
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: type | tuple[type, ...]
+    required: bool = True
+
+
+@dataclass
+class Call:
+    """One method call as a handler sees it."""
+
+    peer: Peer
+    params: Mapping[str, Any]
+    # A descriptor passed with the request (SCM_RIGHTS), or None. The transport owns it and
+    # closes it after the handler returns; a handler must not close it.
+    fd: int | None = None
+    # Set when the daemon is shutting down; long handlers check it between chunks.
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+Handler = Callable[[Call], Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    handler: Handler
+    access: Access
+    params: tuple[Param, ...] = ()
+    # True: the handler does I/O and runs on a worker thread. False: it is quick and pure and
+    # runs on the event loop (health, status, unlock_status).
+    blocking: bool = True
+
+
+MethodTable = Mapping[str, MethodSpec]

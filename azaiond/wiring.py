@@ -1,0 +1,91 @@
+"""Builds every object the daemon needs from the config, in one place (tuned's layout).
+
+The entry point (daemon.py) loads the config and calls ``build``; nothing else constructs
+services, so the graph of who uses what is readable here top to bottom.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import requests
+
+from azaiond import credentials, hardware
+from azaiond.account import Account
+from azaiond.apiclient import ResourceApi
+from azaiond.cdn import Cdn, CdnSettings
+from azaiond.config import Config
+from azaiond.fsutil import private_dir, sweep_temp_files
+from azaiond.handlers import Handlers
+from azaiond.images import DockerImages
+from azaiond.methods import method_table
+from azaiond.resources import SplitResources
+from azaiond.rpc.table import MethodTable
+from azaiond.tokencache import TokenCache
+from azaiond.unlock import UnlockJob
+
+
+@dataclass
+class Daemon:
+    config: Config
+    table: MethodTable
+    unlock: UnlockJob
+    session: requests.Session
+    status_text: list[str] = field(default_factory=lambda: ["serving"])
+
+    def status_line(self) -> str:
+        return self.status_text[-1]
+
+    def close(self) -> None:
+        """Stop background work and release clients; called once on shutdown."""
+        self.unlock.close()
+        self.session.close()
+
+
+def build(config: Config, status_line: Callable[[str], None] | None = None) -> Daemon:
+    private_dir(config.state_dir)
+    private_dir(config.cache_dir)
+    sweep_temp_files(config.state_dir)  # leftovers of a crash are never trusted
+    session = requests.Session()
+    session.headers["User-Agent"] = "azaiond"
+    machine = hardware.describe() if config.hardware == "auto" else config.hardware
+    api = ResourceApi(
+        session,
+        config.api.url,
+        machine,
+        token_cache=TokenCache(config.token_path),
+        fallback_credentials=credentials.login_credentials,
+        retries=config.api.retries,
+        timeout=config.api.timeout,
+        backoff=config.api.backoff,
+    )
+
+    def make_cdn(settings: CdnSettings) -> Cdn:
+        return Cdn(
+            settings,
+            endpoint=config.cdn.endpoint,
+            retries=config.cdn.retries,
+            multipart_chunk_mb=config.cdn.multipart_chunk_mb,
+        )
+
+    account = Account(api, make_cdn)
+    resources = SplitResources(
+        api,
+        account.cdn,
+        config.cache_dir,
+        lambda: credentials.resource_key(config.resources.key),
+        small_part_kb=config.resources.small_part_kb,
+    )
+    status_text = ["serving"]
+
+    def report(text: str) -> None:
+        status_text.append(text)
+        del status_text[:-1]
+        if status_line is not None:
+            status_line(text)
+
+    images = DockerImages(config.docker.base_url, config.docker.timeout)
+    unlock = UnlockJob(config, account, images, status_line=report)
+    handlers = Handlers(config, account, resources, unlock)
+    return Daemon(config=config, table=method_table(handlers), unlock=unlock, session=session, status_text=status_text)
