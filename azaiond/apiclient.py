@@ -25,7 +25,6 @@ import requests
 
 from azaiond import crypto
 from azaiond.errors import (
-    AzaionError,
     Forbidden,
     HardwareMismatch,
     NotAuthenticated,
@@ -149,7 +148,7 @@ class ResourceApi:
                 raise NotAuthenticated("no credentials: call login, or install the 'login' credential")
             resp = self._send("POST", "/login", json={"email": creds.email, "password": creds.password})
             if resp.status_code in (400, 401, 403, 404, 409):
-                code, message = _server_message(resp)
+                _, message = _server_message(resp)
                 raise NotAuthenticated(f"the Resource API refused the login for {creds.email}: {message}")
             self._check(resp, "login")
             try:
@@ -240,7 +239,10 @@ class ResourceApi:
         """``POST /resources/get/{folder}``, decrypted with this user's and machine's api_key."""
         creds = self.credentials()
         if creds is None:
-            raise NotAuthenticated("loading a resource needs the password: call login")
+            raise NotAuthenticated(
+                f"fetching {filename} needs the password, which is held only after login: call login"
+                " or install the 'login' credential"
+            )
         body = {"fileName": filename, "password": creds.password, "hardware": self.hardware}
         resp = self._authed("POST", f"/resources/get/{folder}", json=body)
         what = f"{folder}/{filename}" if folder else filename

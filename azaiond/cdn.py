@@ -8,9 +8,10 @@ leaves a half entry that a later load would trust. botocore's exceptions are tra
 
 from __future__ import annotations
 
+import io
 import logging
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -50,7 +51,8 @@ class CdnSettings:
         if not isinstance(data, dict):
             raise UpstreamError("cdn.yaml from the Resource API is not a mapping")
         values: dict[str, str] = {}
-        for key in ("host", *(f"{role}_access_{part}" for role in ("downloader", "uploader") for part in ("key", "secret"))):
+        keys = [f"{role}_access_{part}" for role in ("downloader", "uploader") for part in ("key", "secret")]
+        for key in ("host", *keys):
             value = data.get(key)
             if not isinstance(value, str) or not value:
                 raise UpstreamError(f"cdn.yaml from the Resource API lacks {key}")
@@ -132,7 +134,7 @@ class Cdn:
             return CdnError(f"the CDN at {self.endpoint} is unreachable")
         return CdnError(f"the CDN failed the {action} of {where} ({type(exc).__name__})")
 
-    def download_into(self, bucket: str, key: str, sink: IO[bytes]) -> int:
+    def download_into(self, bucket: str, key: str, sink: IO[bytes] | io.RawIOBase) -> int:
         """Stream an object into a writable binary file object; returns its size."""
         check_bucket(bucket)
         check_name(key, "key")
@@ -156,7 +158,7 @@ class Cdn:
         """Upload a file by path: parts are read lazily, several at once."""
         self._upload(bucket, key, lambda: self._writer.upload_file(str(path), bucket, key, Config=self._transfer))
 
-    def upload_from(self, bucket: str, key: str, source: IO[bytes]) -> None:
+    def upload_from(self, bucket: str, key: str, source: IO[bytes] | io.RawIOBase) -> None:
         """Stream a readable binary file object (a pipe too) to the CDN, one part at a time."""
         self._upload(bucket, key, lambda: self._writer.upload_fileobj(source, bucket, key, Config=self._serial))
 

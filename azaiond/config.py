@@ -112,7 +112,7 @@ class _Reader:
         return ConfigError(f"{self.source}: {self.prefix}{key}: {problem}")
 
     def take(self, key: str, default: T, convert: Callable[[Any], T], expected: str) -> T:
-        if key not in self.data or self.data[key] is None and default is None:
+        if key not in self.data or (self.data[key] is None and default is None):
             self.data.pop(key, None)
             return default
         value = self.data.pop(key)

@@ -15,7 +15,8 @@ import base64
 import hashlib
 import os
 from collections.abc import Callable
-from typing import BinaryIO, Protocol
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol
 
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
@@ -100,6 +101,10 @@ class Sink(Protocol):
     def write(self, data: memoryview | bytes, /) -> object: ...
 
 
+class Source(Protocol):
+    def readinto(self, buffer: memoryview | bytearray, /) -> int | None: ...
+
+
 class StreamEncryptor:
     """Encrypts a stream chunk by chunk; the IV comes out with the first chunk."""
 
@@ -148,15 +153,18 @@ class StreamDecryptor:
     padding and returns the last few bytes. Failures all raise the same ``IntegrityError``.
     """
 
-    def __init__(self, key: bytes, chunk: int = CHUNK) -> None:
+    def __init__(self, key: bytes, chunk: int = CHUNK, buffers: int = 1) -> None:
         self._key = key
         self._ctx: CipherContext | None = None
         self._iv = b""
         self._chunk = chunk
-        # Layout: [held-back block][fresh plaintext ...]; the held-back block is emitted first
-        # next time, so update() never has to copy more than one block.
-        self._out = bytearray(BLOCK + chunk + 2 * BLOCK)
-        self._view = memoryview(self._out)
+        # Layout of each buffer: [held-back block][fresh plaintext ...]; the held-back block is
+        # emitted first next time, so update() never copies more than one block. With several
+        # buffers they take turns, so a view stays valid for ``buffers`` calls (for a consumer
+        # that hashes on another thread while the next chunk is decrypted).
+        self._bufs = [bytearray(BLOCK + chunk + 2 * BLOCK) for _ in range(buffers)]
+        self._views = [memoryview(b) for b in self._bufs]
+        self._turn = 0
         self._held = 0
         self._last = b""
         self._total = 0
@@ -172,15 +180,17 @@ class StreamDecryptor:
             self._iv += bytes(data[:need])
             data = data[need:]
             if len(self._iv) < IV_SIZE:
-                return self._view[:0]
+                return self._views[0][:0]
             self._ctx = _cipher(self._key, self._iv).decryptor()
-        n = self._ctx.update_into(data, self._view[BLOCK:])
+        self._turn = (self._turn + 1) % len(self._bufs)
+        buf, view = self._bufs[self._turn], self._views[self._turn]
+        n = self._ctx.update_into(data, view[BLOCK:])
         if n == 0:
-            return self._view[:0]
+            return view[:0]
         if self._held:
-            self._out[:BLOCK] = self._last  # the block held back last time goes out first
-        out = self._view[BLOCK - self._held : n]
-        self._last = bytes(self._view[n : BLOCK + n])
+            buf[:BLOCK] = self._last  # the block held back last time goes out first
+        out = view[BLOCK - self._held : n]
+        self._last = bytes(view[n : BLOCK + n])
         self._held = BLOCK
         return out
 
@@ -196,7 +206,7 @@ class StreamDecryptor:
         return _unpad_block(self._last)
 
 
-def encrypt_stream(src: BinaryIO, sink: Sink, key: bytes, chunk: int = CHUNK) -> int:
+def encrypt_stream(src: Source, sink: Sink, key: bytes, chunk: int = CHUNK) -> int:
     """Encrypt ``src`` to ``sink``; returns the ciphertext length."""
     enc = StreamEncryptor(key, chunk=chunk)
     buf = bytearray(chunk)
@@ -214,6 +224,37 @@ def encrypt_stream(src: BinaryIO, sink: Sink, key: bytes, chunk: int = CHUNK) ->
     return total + len(last)
 
 
+class _BackgroundHash:
+    """SHA-256 on a worker thread, one chunk in flight at a time.
+
+    SHA-256 runs several times slower than CBC decryption here, and hashlib releases the GIL,
+    so hashing chunk i while chunk i+1 is decrypted and written keeps a load near the speed of
+    decrypt-and-write alone. ``update`` waits for the previous chunk's hash before queueing the
+    next one, which is what makes two alternating plaintext buffers enough.
+    """
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self._pending: Future[None] | None = None
+
+    def update(self, data: memoryview) -> None:
+        if self._pending is not None:
+            self._pending.result()
+        self._pending = self._pool.submit(self._digest.update, data)
+
+    def hexdigest(self, last: bytes) -> str:
+        self.close()
+        self._digest.update(last)
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+        self._pool.shutdown(wait=True)
+
+
 def decrypt_chunks(
     chunks: Callable[[memoryview], int], sink: Sink, key: bytes, chunk: int = CHUNK
 ) -> tuple[int, str]:
@@ -221,26 +262,28 @@ def decrypt_chunks(
 
     Returns the plaintext size and its SHA-256 hex digest.
     """
-    dec = StreamDecryptor(key, chunk=chunk)
-    digest = hashlib.sha256()
+    dec = StreamDecryptor(key, chunk=chunk, buffers=2)
+    digest = _BackgroundHash()
     buf = bytearray(chunk)
     view = memoryview(buf)
     size = 0
-    while True:
-        n = chunks(view)
-        if not n:
-            break
-        out = dec.update(view[:n])
-        if out:
-            digest.update(out)
-            sink.write(out)
-            size += len(out)
-    last = dec.finalize()
-    digest.update(last)
+    try:
+        while True:
+            n = chunks(view)
+            if not n:
+                break
+            out = dec.update(view[:n])
+            if out:
+                digest.update(out)
+                sink.write(out)
+                size += len(out)
+        last = dec.finalize()
+    finally:
+        digest.close()
     sink.write(last)
-    return size + len(last), digest.hexdigest()
+    return size + len(last), digest.hexdigest(last)
 
 
-def decrypt_stream(src: BinaryIO, sink: Sink, key: bytes, chunk: int = CHUNK) -> tuple[int, str]:
+def decrypt_stream(src: Source, sink: Sink, key: bytes, chunk: int = CHUNK) -> tuple[int, str]:
     """Decrypt the whole of ``src`` into ``sink``; returns (plaintext size, sha256 hex)."""
-    return decrypt_chunks(src.readinto, sink, key, chunk)
+    return decrypt_chunks(lambda buf: src.readinto(buf) or 0, sink, key, chunk)

@@ -79,7 +79,7 @@ class Handlers:
         self._account.logout()
         return {}
 
-    def _input(self, call: Call, method: str) -> IO[bytes]:
+    def _input(self, call: Call, method: str) -> io.BufferedReader | io.BytesIO:
         """The bytes a call uploads: its descriptor, or its inline base64 ``data``."""
         data = call.params.get("data")
         if call.fd is not None and data is not None:
@@ -105,7 +105,7 @@ class Handlers:
         folder = check_name(call.params["folder"], "folder")
         check_bucket(folder)
         with self._input(call, "upload") as source:
-            result = self._resources.upload(name, folder, source, call.cancel)  # type: ignore[arg-type]
+            result = self._resources.upload(name, folder, source, call.cancel)
         return {"size": result.size, "small_size": result.small_size, "big_size": result.big_size}
 
     def cdn_upload(self, call: Call) -> Result:

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import Protocol
 
 from azaiond import crypto
 from azaiond.apiclient import ResourceApi
@@ -41,6 +41,14 @@ class Cancelled(AzaionError):
 
     kind = "cancelled"
     code = -32012
+
+
+class Input(Protocol):
+    """What an upload reads from: a file, a pipe or a buffer."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def readinto(self, buffer: bytearray, /) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -171,7 +179,7 @@ class SplitResources:
 
     # -- upload --------------------------------------------------------------------------
 
-    def upload(self, name: str, folder: str, source: BinaryIO, cancel: threading.Event | None = None) -> UploadResult:
+    def upload(self, name: str, folder: str, source: Input, cancel: threading.Event | None = None) -> UploadResult:
         check_name(name)
         check_name(folder, "folder")
         check_bucket(folder)
@@ -217,7 +225,7 @@ class SplitResources:
         return UploadResult(size=size, small_size=len(small), big_size=big_size)
 
 
-def _read_up_to(source: IO[bytes], limit: int) -> bytes:
+def _read_up_to(source: Input, limit: int) -> bytes:
     parts: list[bytes] = []
     got = 0
     while got < limit:

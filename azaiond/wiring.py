@@ -30,6 +30,8 @@ from azaiond.unlock import UnlockJob
 class Daemon:
     config: Config
     table: MethodTable
+    account: Account
+    resources: SplitResources
     unlock: UnlockJob
     session: requests.Session
     status_text: list[str] = field(default_factory=lambda: ["serving"])
@@ -88,4 +90,12 @@ def build(config: Config, status_line: Callable[[str], None] | None = None) -> D
     images = DockerImages(config.docker.base_url, config.docker.timeout)
     unlock = UnlockJob(config, account, images, status_line=report)
     handlers = Handlers(config, account, resources, unlock)
-    return Daemon(config=config, table=method_table(handlers), unlock=unlock, session=session, status_text=status_text)
+    return Daemon(
+        config=config,
+        table=method_table(handlers),
+        account=account,
+        resources=resources,
+        unlock=unlock,
+        session=session,
+        status_text=status_text,
+    )

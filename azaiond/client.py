@@ -1,0 +1,282 @@
+"""The JSON-RPC client for azaiond's Unix socket (SPEC section 7).
+
+One request is one line of JSON; a request may carry one file descriptor (SCM_RIGHTS), sent
+with the first bytes of that request. The client keeps its connection for many calls (polling
+``unlock_status`` should not reconnect every half second) and reconnects lazily after the
+daemon closed it.
+
+This module talks only the wire protocol: it must not import the daemon side (``azaiond.rpc``,
+services). It imports ``azaiond.errors`` so a daemon's error reply can be caught as the same
+class the daemon raised, e.g. ``except NotAuthenticated``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+from types import TracebackType
+from typing import Any, cast
+
+from azaiond.errors import ALL_ERRORS, AzaionError, InvalidParams
+
+DEFAULT_SOCKET = "/run/azaiond/azaiond.sock"
+SOCKET_ENV = "AZAIOND_SOCKET"
+
+# A reply may carry inline data (base64 of up to inline_limit_mb, 16 MiB by default); far more
+# than that means a confused peer, and reading on would only eat memory.
+MAX_REPLY_BYTES = 256 * 1024 * 1024
+
+# Kind strings for the standard JSON-RPC codes, used when a reply carries no data.kind.
+STANDARD_KINDS: dict[int, str] = {
+    -32700: "parse_error",
+    -32600: "invalid_request",
+    -32601: "method_not_found",
+    -32602: InvalidParams.kind,
+    -32603: "internal",
+}
+
+
+def default_socket_path() -> str:
+    """The socket path: ``$AZAIOND_SOCKET`` if set, else the packaged default."""
+    return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+
+
+class ClientError(Exception):
+    """Base of every error this module raises."""
+
+
+class DaemonUnavailable(ClientError):
+    """The socket could not be reached. ``reason`` tells why; ``hint`` what a person can do.
+
+    reason: ``missing`` (no socket file), ``permission`` (not in the socket's group),
+    ``refused`` (a socket file nobody listens on), ``other``.
+    """
+
+    def __init__(self, path: str, reason: str, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
+        self.message = message
+        self.hint = hint
+
+
+class ProtocolError(ClientError):
+    """The daemon broke off the conversation or answered something that is not a JSON-RPC reply."""
+
+
+class RpcError(ClientError):
+    """An error reply. ``kind`` is the stable string (``data.kind``, or one derived from the code).
+
+    Replies whose kind is one of ``azaiond.errors`` are raised as a subclass of both this class and
+    that error class, so ``except NotAuthenticated`` and ``except RpcError`` both catch them.
+    """
+
+    def __init__(self, code: int, message: str, kind: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        # An instance attribute: it shadows AzaionError.kind in the per-kind subclasses, with the
+        # same value, so both views agree.
+        self.kind = kind
+        self.data = data
+
+    @property
+    def error_class(self) -> type[AzaionError] | None:
+        """The ``azaiond.errors`` class of this reply's kind, if it has one."""
+        for cls in type(self).__mro__:
+            if cls in ALL_ERRORS:
+                return cls
+        return None
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
+def _remote_class(cls: type[AzaionError]) -> type[RpcError]:
+    # RpcError first in the bases: its __init__ takes the reply's fields and hands the message on
+    # to the AzaionError branch through super().
+    return cast("type[RpcError]", type(f"Remote{cls.__name__}", (RpcError, cls), {"__module__": __name__}))
+
+
+REMOTE_ERRORS: dict[str, type[RpcError]] = {cls.kind: _remote_class(cls) for cls in ALL_ERRORS}
+
+
+def error_from_reply(error: Any) -> RpcError:
+    """Build the exception for a reply's ``error`` member."""
+    if not isinstance(error, dict):
+        raise ProtocolError("the daemon sent a malformed error reply")
+    code = error.get("code")
+    if not isinstance(code, int):
+        code = -32603
+    message = error.get("message")
+    if not isinstance(message, str):
+        message = "unknown error"
+    data = error.get("data")
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if not isinstance(kind, str):
+        kind = STANDARD_KINDS.get(code, "internal")
+    return REMOTE_ERRORS.get(kind, RpcError)(code, message, kind, data)
+
+
+def _unavailable(path: str, exc: OSError) -> DaemonUnavailable:
+    if isinstance(exc, FileNotFoundError) or exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return DaemonUnavailable(
+            path,
+            "missing",
+            f"no daemon socket at {path}",
+            "is azaiond.socket running? systemctl start azaiond.socket",
+        )
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM):
+        return DaemonUnavailable(
+            path,
+            "permission",
+            f"permission denied on {path}",
+            "you are not in group azaion: sudo usermod -aG azaion $USER, then log in again",
+        )
+    if isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED:
+        return DaemonUnavailable(
+            path,
+            "refused",
+            f"nothing listens on {path} (stale socket)",
+            "the daemon is not running: systemctl restart azaiond.socket",
+        )
+    return DaemonUnavailable(
+        path,
+        "other",
+        f"cannot connect to {path}: {exc.strerror or exc}",
+        "check the daemon: systemctl status azaiond.socket azaiond.service",
+    )
+
+
+class Client:
+    """A connection to azaiond. Use as a context manager, or call ``close()``.
+
+    ``timeout`` (seconds) bounds connecting and each wait for a reply; None waits for ever,
+    which suits ``load`` of a large resource.
+    """
+
+    def __init__(self, socket_path: str | None = None, timeout: float | None = None) -> None:
+        self.socket_path = socket_path or default_socket_path()
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buffer = bytearray()
+        self._next_id = 1
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        """Connect now (calls connect on demand); raises DaemonUnavailable."""
+        if self._sock is not None:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as exc:
+            sock.close()
+            raise _unavailable(self.socket_path, exc) from exc
+        self._sock = sock
+        self._buffer.clear()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._buffer.clear()
+
+    def call(
+        self, method: str, params: dict[str, Any] | None = None, fd: int | None = None
+    ) -> dict[str, Any]:
+        """Send one request (with ``fd`` passed along, if given) and return its ``result``.
+
+        Raises RpcError for an error reply, DaemonUnavailable when the socket cannot be reached,
+        ProtocolError when the connection breaks or the reply is malformed.
+        """
+        self.connect()
+        request_id = self._next_id
+        self._next_id += 1
+        request: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": request_id}
+        if params is not None:
+            request["params"] = params
+        line = json.dumps(request, separators=(",", ":")).encode() + b"\n"
+        try:
+            self._send(line, fd)
+            reply = self._read_reply(request_id)
+        except BaseException:
+            # A half-sent request or a half-read reply leaves the stream out of step; start over
+            # on the next call rather than read a stale answer.
+            self.close()
+            raise
+        if "error" in reply:
+            error = error_from_reply(reply["error"])
+            if reply.get("id") is None:
+                # The daemon closes the connection after an id-less error (too_large).
+                self.close()
+            raise error
+        result = reply.get("result")
+        if not isinstance(result, dict):
+            self.close()
+            raise ProtocolError("the daemon's reply has no result object")
+        return result
+
+    def _send(self, data: bytes, fd: int | None) -> None:
+        assert self._sock is not None
+        try:
+            if fd is not None:
+                # The descriptor rides on the first bytes of this request only.
+                sent = socket.send_fds(self._sock, [data], [fd])
+                data = data[sent:]
+            if data:
+                self._sock.sendall(data)
+        except TimeoutError as exc:
+            raise ProtocolError(f"timed out sending to the daemon after {self.timeout} s") from exc
+        except OSError as exc:
+            raise ProtocolError(f"lost the connection to the daemon: {exc.strerror or exc}") from exc
+
+    def _read_line(self) -> bytes:
+        assert self._sock is not None
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buffer[:end])
+                del self._buffer[: end + 1]
+                return line
+            if len(self._buffer) > MAX_REPLY_BYTES:
+                raise ProtocolError("the daemon's reply is too long")
+            try:
+                chunk = self._sock.recv(1 << 16)
+            except TimeoutError as exc:
+                raise ProtocolError(f"no reply from the daemon within {self.timeout} s") from exc
+            except OSError as exc:
+                raise ProtocolError(f"lost the connection to the daemon: {exc.strerror or exc}") from exc
+            if not chunk:
+                raise ProtocolError("the daemon closed the connection without a reply")
+            self._buffer += chunk
+
+    def _read_reply(self, request_id: int) -> dict[str, Any]:
+        while True:
+            line = self._read_line()
+            if not line.strip():
+                continue
+            try:
+                reply = json.loads(line)
+            except ValueError as exc:
+                raise ProtocolError("the daemon sent a line that is not JSON") from exc
+            if not isinstance(reply, dict):
+                raise ProtocolError("the daemon sent a reply that is not an object")
+            if "id" not in reply:
+                continue  # a notification; the protocol defines none for clients yet, skip it
+            if reply["id"] == request_id or (reply["id"] is None and "error" in reply):
+                return reply
+            raise ProtocolError(f"the daemon answered request {reply['id']!r}, expected {request_id}")
