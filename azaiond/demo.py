@@ -10,6 +10,7 @@ printed before it runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import shlex
@@ -22,6 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import docker
+
+from azaiond.demo_unlock import DEMO_IMAGE, prepare_sealed_image
+from azaiond.devdocker import start_dockerd
 from azaiond.devstack import DevStack
 
 FOLDER = "models"
@@ -36,6 +41,7 @@ class Demo:
         self.work = work
         self.docker_url = docker_url
         self.socket = work / "azaiond.sock"
+        self.archive = work / "images.enc"
         self.stack = DevStack.start(work / "stack")
         self.daemon: subprocess.Popen[bytes] | None = None
 
@@ -50,12 +56,13 @@ class Demo:
         return out
 
     def start_daemon(self) -> None:
-        config = self.stack.write_config(
-            self.work / "config.yaml",
-            self.work / "state",
-            self.socket,
-            **({"docker": {"base_url": self.docker_url}} if self.docker_url else {}),
-        )
+        extra: dict[str, object] = {}
+        if self.docker_url:
+            extra = {
+                "docker": {"base_url": self.docker_url},
+                "unlock": {"archive": str(self.archive), "images": [f"{DEMO_IMAGE}:{{version}}"], "version": "latest"},
+            }
+        config = self.stack.write_config(self.work / "config.yaml", self.work / "state", self.socket, **extra)
         _say(f"starting azaiond on {self.socket} (config {config}, log {self.work / 'azaiond.log'})")
         log = open(self.work / "azaiond.log", "wb")  # noqa: SIM115 - lives as long as the daemon
         self.daemon = subprocess.Popen(
@@ -109,15 +116,17 @@ class Demo:
 
     def unlock(self) -> None:
         if not self.docker_url:
-            _say("unlock: skipped, no Docker engine reachable (see README: 'A Docker engine for the demo')")
+            _say("unlock: skipped, no Docker engine reachable (run as root with docker.io installed, or --docker-url)")
             return
         _say(f"unlock: seal a small image, remove it, and let the daemon load it back ({self.docker_url})")
-        from azaiond.demo_unlock import prepare_sealed_image
-
-        image = prepare_sealed_image(self.docker_url, self.work, self.stack)
+        image = prepare_sealed_image(self.docker_url, self.archive, self.stack.key_fragment)
         self.ctl("unlock", "--wait")
         self.ctl("unlock-status")
-        print(f"  image {image} is back")
+        client = docker.DockerClient(base_url=self.docker_url, version="auto")
+        try:
+            print(f"  image {image} is back: {client.images.get(image).id[:19]}")
+        finally:
+            client.close()
 
     def close(self) -> None:
         if self.daemon is not None and self.daemon.poll() is None:
@@ -146,18 +155,28 @@ def _docker_url(explicit: str | None) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m azaiond.demo", description=__doc__)
     parser.add_argument("--docker-url", help="a Docker engine for the unlock step (default: /run/docker.sock)")
+    parser.add_argument(
+        "--no-private-dockerd",
+        action="store_true",
+        help="when no engine is reachable, skip unlock instead of starting a private dockerd (needs root)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="azdemo-"))
-    demo = Demo(work, _docker_url(args.docker_url))
-    try:
-        demo.run()
-    finally:
-        demo.close()
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        url = _docker_url(args.docker_url)
+        if url is None and not args.no_private_dockerd and os.geteuid() == 0 and shutil.which("dockerd"):
+            _say("no Docker engine reachable: starting a private dockerd for the unlock step")
+            url = stack.enter_context(start_dockerd()).url
+        demo = Demo(work, url)
+        try:
+            demo.run()
+        finally:
+            demo.close()
+            if args.keep:
+                print(f"kept {work}")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
     print("\ndemo: every flow worked")
     return 0
 

@@ -33,7 +33,9 @@ def atomic_file(path: Path, mode: int = 0o600) -> Iterator[IO[bytes]]:
     Temp names start with ``.`` and end with ``.tmp`` so that a sweep after a crash finds them
     and no reader ever takes one for a real entry.
     """
-    private_dir(path.parent)
+    # Create a missing parent privately, but never change the mode of one that exists: the
+    # caller may write beside files it does not own (azaionctl seal-images into the cwd).
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)

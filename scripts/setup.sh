@@ -12,7 +12,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 packages=(
     openssl util-linux procps time socat          # openssl interop, setpriv, /usr/bin/time
-    docker.io                                      # a real dockerd for the unlock tests
+    docker.io python3-docker                       # a real dockerd; Debian's SDK for the compat test
     systemd-container debootstrap                  # the system test boots systemd in nspawn
     debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
     lintian build-essential fakeroot               # building and linting the .deb

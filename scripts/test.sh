@@ -6,9 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== ruff"
-ruff check .
+python3 -m ruff check .
 echo "== mypy --strict"
-mypy
+python3 -m mypy
 echo "== pytest"
 # pytest exits 5 when it collected no test; set -e turns that, like any failure, into a failed run.
 python3 -m pytest -q -p no:cacheprovider "$@"

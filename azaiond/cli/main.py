@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any, TextIO
 
-from azaiond import __version__
+from azaiond import __version__, seal
 from azaiond.cli import exitcodes
 from azaiond.cli.files import OutputFile
 from azaiond.cli.progress import Progress, Sample
@@ -354,7 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long")
     add("unlock-status", cmd_unlock_status, "show the progress or outcome of the unlock")
+    # Publisher side: needs no daemon. main() hands its arguments to azaiond.seal before parsing,
+    # so this entry only lists it in --help.
+    add("seal-images", cmd_seal_images, "seal a docker save tar or images into images.enc (no daemon)")
     return parser
+
+
+def cmd_seal_images(ctx: Context, args: argparse.Namespace) -> int:
+    return seal.main(["--help"], prog=f"{PROG} seal-images")
 
 
 def report_error(stream: TextIO, kind: str | None, message: str, hint: str | None) -> None:
@@ -388,6 +395,9 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["seal-images"]:
+        return seal.main(argv[1:], prog=f"{PROG} seal-images")
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     client = Client(getattr(args, "socket", None))

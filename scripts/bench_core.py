@@ -1,0 +1,257 @@
+"""Benchmark of the core engine and of load through the daemon, with baselines from the same run.
+
+    python scripts/bench_core.py [--size-mb 1024] [--repeat 3]
+
+Load (warm cache) of SIZE into a file, against:
+  - openssl:   ``openssl enc -d -aes-256-cbc`` on the same ciphertext;
+  - bare loop: the same cryptography calls (update_into, reused buffers) with nothing around them.
+Upload of SIZE, against ``openssl enc`` to a file plus a boto3 ``upload_file`` of it to the same S3.
+Load through the daemon into a descriptor, against the in-process load.
+
+Every variant runs in its own child process under ``/usr/bin/time -v`` for its peak RSS; an
+"idle" child that builds the same services and does no transfer is the RSS baseline. Variants
+alternate and the medians are reported, with ratios taken within this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CHUNK = 1024 * 1024
+FOLDER = "bench"
+
+
+def _services(config_path: str) -> Any:
+    from azaiond import config as cfg
+    from azaiond import wiring
+    from azaiond.apiclient import Credentials
+
+    daemon = wiring.build(cfg.load(Path(config_path)))
+    creds = json.loads(os.environ["BENCH_LOGIN"])
+    daemon.account.login(Credentials(creds["email"], creds["password"]))
+    return daemon
+
+
+def child(args: list[str]) -> None:
+    """One measured operation; prints {"seconds": ...} on stdout."""
+    kind = args[0]
+    seconds = 0.0
+    if kind == "idle":
+        _services(args[1])
+    elif kind == "load":
+        daemon = _services(args[1])
+        with open(args[3], "wb", buffering=0) as out:
+            t = time.perf_counter()
+            daemon.resources.load(args[2], FOLDER, out)
+            seconds = time.perf_counter() - t
+    elif kind == "upload":
+        daemon = _services(args[1])
+        with open(args[3], "rb") as src:
+            t = time.perf_counter()
+            daemon.resources.upload(args[2], FOLDER, src)
+            seconds = time.perf_counter() - t
+    elif kind == "bare":
+        from cryptography.hazmat.primitives import padding
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+        key = bytes.fromhex(args[1])
+        t = time.perf_counter()
+        with open(args[2], "rb", buffering=0) as src, open(args[3], "wb", buffering=0) as dst:
+            dec = Cipher(algorithms.AES(key), modes.CBC(src.read(16))).decryptor()
+            inbuf, outbuf = bytearray(CHUNK), bytearray(CHUNK + 16)
+            inview, outview = memoryview(inbuf), memoryview(outbuf)
+            held = b""
+            while n := src.readinto(inbuf):
+                m = dec.update_into(inview[:n], outbuf)
+                if held:
+                    dst.write(held)
+                dst.write(outview[: m - 16])
+                held = bytes(outview[m - 16 : m])
+            unpad = padding.PKCS7(128).unpadder()
+            dst.write(unpad.update(held) + unpad.finalize())
+        seconds = time.perf_counter() - t
+    elif kind == "s3put":
+        import boto3
+
+        from azaiond.devstack import boto_config
+
+        t = time.perf_counter()
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=args[1],
+            aws_access_key_id=args[2],
+            aws_secret_access_key=args[3],
+            region_name="us-east-1",
+            config=boto_config(),
+        )
+        s3.upload_file(args[4], FOLDER, args[5])
+        seconds = time.perf_counter() - t
+    print(json.dumps({"seconds": seconds}))
+
+
+def _measure(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """(seconds, peak RSS KiB) of one child run under /usr/bin/time -v."""
+    t = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True, env=env, check=False)
+    wall = time.perf_counter() - t
+    if proc.returncode:
+        raise SystemExit(f"bench child failed: {argv}\n{proc.stderr[-2000:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))  # type: ignore[union-attr]
+    try:
+        seconds = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"] or wall
+    except (ValueError, IndexError):
+        seconds = wall  # a plain command: its wall time
+    return seconds, rss
+
+
+def _py(*args: str) -> list[str]:
+    return [sys.executable, __file__, "--child", *args]
+
+
+def _daemon_load(config: Path, socket_path: Path, out: Path, name: str, env: dict[str, str]) -> float:
+    from azaiond.client import Client
+
+    log = open(out.parent / "daemon.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "azaiond.daemon", "--config", str(config)], stderr=log, env=env)
+    try:
+        for _ in range(400):
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(socket_path))
+                break
+            except OSError:
+                time.sleep(0.05)
+        creds = json.loads(env["BENCH_LOGIN"])
+        with Client(str(socket_path)) as client:
+            client.call("login", {"email": creds["email"], "password": creds["password"]})
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                t = time.perf_counter()
+                client.call("load", {"name": name, "folder": FOLDER}, fd=fd)
+                return time.perf_counter() - t
+            finally:
+                os.close(fd)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        log.close()
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2:])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mb", type=int, default=1024)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temp dir under /var/tmp")
+    args = parser.parse_args()
+
+    from azaiond import crypto
+    from azaiond.devstack import DevStack
+    from azaiond.resources import small_size
+
+    work = Path(tempfile.mkdtemp(prefix="azbench-", dir=args.workdir or "/var/tmp"))
+    stack = DevStack.start(work / "stack")
+    try:
+        stack.ensure_bucket(FOLDER)
+        socket_path = work / "d.sock"
+        config = stack.write_config(work / "config.yaml", work / "state", socket_path)
+        env = dict(os.environ, BENCH_LOGIN=json.dumps({"email": stack.admin.email, "password": stack.admin.password}))
+        plain = work / "plain.bin"
+        with open(plain, "wb") as f:
+            for _ in range(args.size_mb):
+                f.write(os.urandom(CHUNK))
+        key = crypto.aes_key(stack.resource_key)
+        s3 = (stack.s3_url, stack.write_keys.access_key, stack.write_keys.secret_key)
+        out = work / "out.bin"
+        rows: dict[str, list[tuple[float, int]]] = {}
+
+        def record(name: str, result: tuple[float, int]) -> None:
+            rows.setdefault(name, []).append(result)
+
+        for i in range(args.repeat):
+            # Upload: ours, then the baseline (openssl enc to a file + boto3 upload_file).
+            record("upload", _measure(_py("upload", str(config), "res.bin", str(plain)), env))
+            enc = work / "enc.bin"
+            iv = os.urandom(16)
+            t = time.perf_counter()
+            subprocess.run(
+                [
+                    "openssl", "enc", "-aes-256-cbc", "-K", key.hex(), "-iv", iv.hex(),
+                    "-in", str(plain), "-out", str(enc),
+                ],
+                check=True,
+            )
+            ossl_enc = time.perf_counter() - t
+            put, put_rss = _measure(_py("s3put", *s3, str(enc), f"baseline-{i}.bin"), env)
+            record("upload_baseline", (ossl_enc + put, put_rss))
+            stack.s3_admin_client().delete_object(Bucket=FOLDER, Key=f"baseline-{i}.bin")
+
+            # The same ciphertext as one file for the decrypt baselines: small part + cached big part.
+            small = stack.refserver.get_part(FOLDER, "res.bin.small")
+            assert small is not None and len(small) == small_size(crypto.ciphertext_size(plain.stat().st_size), 3)
+            ct = work / "ct.bin"
+            with open(ct, "wb") as f:
+                f.write(small)
+                with open(work / "state/cache" / FOLDER / "res.bin.big", "rb") as big:
+                    shutil.copyfileobj(big, f, CHUNK)
+            body = work / "ct_body.bin"
+            with open(ct, "rb") as src, open(body, "wb") as dst:
+                src.seek(16)
+                shutil.copyfileobj(src, dst, CHUNK)
+            enc.unlink()
+
+            # Load (warm cache), openssl, bare loop; alternating, same output path.
+            record("load", _measure(_py("load", str(config), "res.bin", str(out)), env))
+            record(
+                "openssl",
+                _measure(
+                    ["openssl", "enc", "-d", "-aes-256-cbc", "-K", key.hex(), "-iv", small[:16].hex(),
+                     "-in", str(body), "-out", str(out)],
+                    env,
+                ),
+            )
+            record("bare", _measure(_py("bare", key.hex(), str(ct), str(out)), env))
+            record("idle", _measure(_py("idle", str(config)), env))
+            record("daemon_load", (_daemon_load(config, socket_path, out, "res.bin", env), 0))
+            body.unlink()
+            ct.unlink()
+
+        med = {k: statistics.median(s for s, _ in v) for k, v in rows.items()}
+        rss = {k: max(r for _, r in v) for k, v in rows.items()}
+        size_gib = args.size_mb / 1024
+        print(f"\nbench_core: {args.size_mb} MiB, {args.repeat} runs, medians (peak RSS in MiB)")
+        for k in ("load", "bare", "openssl", "daemon_load", "upload", "upload_baseline", "idle"):
+            extra = f"  rss {rss[k] / 1024:7.1f}" if rss[k] else ""
+            print(f"  {k:16s} {med[k]:8.3f} s  {size_gib / med[k] if med[k] else 0:6.2f} GiB/s{extra}")
+        idle = rss["idle"]
+        print("ratios (target):")
+        print(f"  load / bare loop         {med['load'] / med['bare']:.3f}  (<= 1.10)")
+        print(f"  load / openssl           {med['load'] / med['openssl']:.3f}")
+        print(f"  bare / openssl           {med['bare'] / med['openssl']:.3f}  (0.60 on a trial machine)")
+        print(f"  upload / baseline        {med['upload'] / med['upload_baseline']:.3f}  (<= 1.10)")
+        print(f"  daemon load / in-process {med['daemon_load'] / med['load']:.3f}  (<= 1.10)")
+        print(f"  load peak RSS above idle   {(rss['load'] - idle) / 1024:.1f} MiB  (<= 64)")
+        print(f"  upload peak RSS above idle {(rss['upload'] - idle) / 1024:.1f} MiB  (<= 64)")
+    finally:
+        stack.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

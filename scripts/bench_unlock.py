@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""Benchmark: unlock of a sealed archive against the shell pipeline and the seed's approach.
+
+    python scripts/bench_unlock.py [--size-mib 1024] [--repeat 3] [--docker-url URL]
+
+Methods, alternated in every round, each starting from an engine without the image:
+
+- ``job``:   ``UnlockJob`` (the daemon's code: login, key fragment, decrypt, stream into
+             ``images.load``) in a child process, against a reference Resource API on loopback.
+             The child measures its own RSS before the run and its peak (getrusage).
+- ``piped``: ``openssl enc -d ... | docker load`` (the best a shell can do; no file).
+- ``seed``:  decrypt to a tar file, ``docker load -i`` it, remove it (what the seed did).
+- ``bare``:  the same cryptography streaming loop to /dev/null, no docker (the decrypt ceiling).
+
+Without ``--docker-url`` a private dockerd is started (tests/fixtures_docker.py). Reports
+medians, ratios within the same run, the job's RSS above idle and the extra disk of each method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from azaiond import crypto
+from azaiond.devdocker import Dockerd, start_dockerd
+from azaiond.seal import archive_key, seal
+from tests.fixtures_docker import write_rootfs_tar
+
+EMAIL, PASSWORD = "bench@example.com", secrets.token_hex(12)
+NAME = "azaion/bench:1"
+MIB = 1024 * 1024
+
+
+def _rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def child(args: dict[str, Any]) -> None:
+    """Run one unlock with the daemon's classes and print timings and RSS as JSON."""
+    import requests
+
+    from azaiond.account import Account
+    from azaiond.apiclient import Credentials, ResourceApi
+    from azaiond.config import ApiConfig, Config, DockerConfig, UnlockConfig
+    from azaiond.images import DockerImages
+    from azaiond.unlock import RUNNING, UnlockJob
+
+    config = Config(
+        api=ApiConfig(url=args["api"]),
+        state_dir=Path(args["state"]),
+        unlock=UnlockConfig(archive=Path(args["archive"]), images=(args["image"],)),
+        docker=DockerConfig(base_url=args["docker"]),
+    )
+    creds = Credentials(EMAIL, args["password"])
+    api = ResourceApi(requests.Session(), args["api"], "bench", fallback_credentials=lambda: creds)
+    images = DockerImages(args["docker"], 3600)
+    images.missing([args["image"]])  # connect first, so idle RSS includes the docker client
+    job = UnlockJob(config, Account(api, None), images)  # type: ignore[arg-type]
+    idle = _rss_kib()
+    started = time.perf_counter()
+    job.start(None)
+    while (status := job.status())["state"] in RUNNING:
+        time.sleep(0.01)
+    elapsed = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"status": status, "seconds": elapsed, "idle_kib": idle, "peak_kib": peak}))
+
+
+def _reset(engine: Dockerd) -> None:
+    engine.remove_images(NAME)
+    engine.cli("image", "prune", "-af")
+
+
+def _disk_used(path: Path) -> int:
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+class DiskPeak:
+    """Peak growth of the file system's used bytes while the block runs (sampled every 10 ms).
+
+    Docker's data-root is on the same file system, so every method pays for docker's own copy
+    of the layer; the differences between methods are the extra disk of each.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._stop = threading.Event()
+        self._base = 0
+        self.peak = 0
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, _disk_used(self._path) - self._base)
+
+    def __enter__(self) -> DiskPeak:
+        self._base = _disk_used(self._path)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _disk_used(self._path) - self._base)
+
+
+def run_job(engine: Dockerd, api_url: str, enc: Path, work: Path) -> dict[str, Any]:
+    state = Path(tempfile.mkdtemp(dir=work))
+    spec = {"api": api_url, "state": str(state), "archive": str(enc), "image": NAME,
+            "docker": engine.url, "password": PASSWORD}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                          capture_output=True, text=True, check=False)
+    shutil.rmtree(state)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr)
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    if result["status"]["state"] != "ready":
+        raise RuntimeError(f"unlock failed: {result['status']}")
+    return result
+
+
+def _openssl_args(enc: Path, fragment: bytes) -> list[str]:
+    with open(enc, "rb") as f:
+        iv = f.read(16)
+    return ["openssl", "enc", "-d", "-aes-256-cbc", "-K", archive_key(fragment).hex(), "-iv", iv.hex()]
+
+
+def run_piped(engine: Dockerd, enc: Path, fragment: bytes) -> float:
+    started = time.perf_counter()
+    ossl = " ".join(_openssl_args(enc, fragment))
+    subprocess.run(f"tail -c +17 {enc} | {ossl} | docker -H {engine.url} load -q",
+                   shell=True, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def run_seed(engine: Dockerd, enc: Path, fragment: bytes, work: Path) -> float:
+    tar = work / "decrypted.tar"
+    started = time.perf_counter()
+    ossl = " ".join(_openssl_args(enc, fragment))
+    subprocess.run(f"tail -c +17 {enc} | {ossl} -out {tar}", shell=True, check=True)
+    engine.cli("load", "-q", "-i", str(tar))
+    tar.unlink()
+    return time.perf_counter() - started
+
+
+def run_bare(enc: Path, fragment: bytes) -> float:
+    started = time.perf_counter()
+    with open(enc, "rb", buffering=0) as src, open(os.devnull, "wb") as sink:
+        crypto.decrypt_stream(src, sink, archive_key(fragment))
+    return time.perf_counter() - started
+
+
+def prepare(engine: Dockerd, work: Path, size_mib: int, fragment: bytes) -> tuple[Path, str]:
+    rootfs = work / "rootfs.tar"
+    write_rootfs_tar(rootfs, {"etc/hello": b"bench\n"}, size_mib * MIB)
+    engine.cli("import", str(rootfs), NAME)
+    rootfs.unlink()
+    image_id = engine.cli("image", "inspect", "--format", "{{.Id}}", NAME).strip()
+    saved = work / "saved.tar"
+    engine.cli("save", "-o", str(saved), NAME)
+    enc = work / "images.enc"
+    with open(saved, "rb") as src:
+        seal(src, fragment, enc)
+    saved.unlink()
+    return enc, image_id
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--docker-url", help="an engine to use instead of a private dockerd")
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return 0
+
+    from azaiond.refserver import RefServer, User
+
+    fragment = secrets.token_bytes(32)
+    times: dict[str, list[float]] = {"job": [], "piped": [], "seed": [], "bare": []}
+    rss: list[int] = []
+    idle: list[int] = []
+    disk: dict[str, list[int]] = {"job": [], "piped": [], "seed": [], "bare": []}
+    with ExitStack() as stack:
+        if args.docker_url:
+            engine = Dockerd(args.docker_url, Path("/nonexistent"), 0)
+        else:
+            engine = stack.enter_context(start_dockerd())
+        work = Path(tempfile.mkdtemp(prefix="bench-unlock-", dir=args.workdir))
+        stack.callback(shutil.rmtree, work, True)
+        ref = stack.enter_context(RefServer([User(EMAIL, PASSWORD, "Operator")], key_fragment=fragment))
+        print(f"preparing a {args.size_mib} MiB image and sealing it ...", file=sys.stderr)
+        enc, image_id = prepare(engine, work, args.size_mib, fragment)
+        stack.callback(_reset, engine)
+        print(f"archive {enc.stat().st_size / MIB:.0f} MiB, image {image_id[:19]}", file=sys.stderr)
+
+        # Warm-up: page cache and docker's first-load costs, not measured.
+        _reset(engine)
+        run_bare(enc, fragment)
+        run_piped(engine, enc, fragment)
+        for round_ in range(args.repeat):
+            order = ["job", "piped", "seed", "bare"]
+            order = order[round_ % 4 :] + order[: round_ % 4]  # alternate who goes first
+            for method in order:
+                _reset(engine)
+                with DiskPeak(work) as peak:
+                    if method == "job":
+                        result = run_job(engine, ref.url, enc, work)
+                        times["job"].append(result["seconds"])
+                        rss.append(result["peak_kib"] - result["idle_kib"])
+                        idle.append(result["idle_kib"])
+                        got = engine.cli("image", "inspect", "--format", "{{.Id}}", NAME).strip()
+                        assert got == image_id, got
+                    elif method == "piped":
+                        times["piped"].append(run_piped(engine, enc, fragment))
+                    elif method == "seed":
+                        times["seed"].append(run_seed(engine, enc, fragment, work))
+                    else:
+                        times["bare"].append(run_bare(enc, fragment))
+                disk[method].append(peak.peak)
+                print(f"round {round_ + 1} {method}: {times[method][-1]:.2f}s", file=sys.stderr)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    gib = args.size_mib / 1024
+    report = {
+        "archive_mib": args.size_mib,
+        "repeat": args.repeat,
+        "median_seconds": {k: round(v, 2) for k, v in med.items()},
+        "throughput_gib_s": {k: round(gib / v, 2) for k, v in med.items()},
+        "ratio_job_to_piped": round(med["job"] / med["piped"], 3),
+        "ratio_job_to_seed": round(med["job"] / med["seed"], 3),
+        "job_rss_idle_mib": round(statistics.median(idle) / 1024, 1),
+        "job_rss_above_idle_mib": round(max(rss) / 1024, 1),
+        "peak_disk_growth_mib": {k: round(max(v) / MIB) for k, v in disk.items()},
+        "targets": {
+            "job <= 1.05 x piped": med["job"] <= 1.05 * med["piped"],
+            "job <= 0.8 x seed": med["job"] <= 0.8 * med["seed"],
+            "rss <= 64 MiB above idle": max(rss) <= 64 * 1024,
+        },
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,742 @@
+"""Unlock against a real dockerd and a real reference Resource API (HTTP on loopback).
+
+The job runs in-process here (``UnlockJob`` with real ``Account``/``ResourceApi`` and real
+``DockerImages``); the crash case runs it in a child process that is killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from azaiond import crypto
+from azaiond.account import Account
+from azaiond.apiclient import Credentials, ResourceApi
+from azaiond.cdn import Cdn, CdnSettings
+from azaiond.config import ApiConfig, Config, DockerConfig, UnlockConfig
+from azaiond.devdocker import Dockerd
+from azaiond.errors import IntegrityError
+from azaiond.images import DockerImages
+from azaiond.refserver import RefServer, User
+from azaiond.seal import archive_key, seal
+from azaiond.unlock import RUNNING, UnlockJob, decrypted_tar
+from tests.fixtures_daemon import DaemonHandle
+from tests.fixtures_docker import build_image, save_images
+
+pytestmark = pytest.mark.docker
+
+EMAIL = "unlock@example.com"
+PASSWORD = "unlock-" + secrets.token_hex(8)
+FRAGMENT = secrets.token_bytes(32)
+TAG = f"u{secrets.token_hex(3)}"
+IMAGE = f"azaion/unlocktest-{TAG}:{{version}}"
+VERSION = "1"
+NAME = IMAGE.replace("{version}", VERSION)
+BIG_NAME = f"azaion/unlockbig-{TAG}:{VERSION}"
+CREDS = Credentials(EMAIL, PASSWORD)
+
+
+@dataclass
+class Sealed:
+    name: str
+    image_id: str
+    tar: Path
+    enc: Path
+
+
+@pytest.fixture(scope="module")
+def ref() -> Iterator[RefServer]:
+    with RefServer([User(EMAIL, PASSWORD, "Operator")], key_fragment=FRAGMENT) as srv:
+        yield srv
+
+
+@pytest.fixture
+def api_server(ref: RefServer) -> Iterator[RefServer]:
+    ref.reset_switches()
+    ref.set_key_fragment(FRAGMENT)
+    yield ref
+    ref.reset_switches()
+    ref.set_key_fragment(FRAGMENT)
+
+
+def _seal_image(engine: Dockerd, name: str, workdir: Path, random_size: int) -> Sealed:
+    image_id = build_image(engine, name, workdir, random_size)
+    tar = save_images(engine, [name], workdir / f"{name.replace('/', '_')}.tar")
+    enc = workdir / f"{name.replace('/', '_')}.enc"
+    with open(tar, "rb") as src:
+        seal(src, FRAGMENT, enc)
+    engine.remove_images(name)
+    return Sealed(name, image_id, tar, enc)
+
+
+@pytest.fixture(scope="module")
+def sealed(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Sealed:
+    return _seal_image(dockerd, NAME, tmp_path_factory.mktemp("sealed"), 256 * 1024)
+
+
+@pytest.fixture(scope="module")
+def sealed_big(dockerd: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> Sealed:
+    """A 64 MiB random layer: long enough to catch a run in the middle."""
+    return _seal_image(dockerd, BIG_NAME, tmp_path_factory.mktemp("sealedbig"), 64 * 1024 * 1024)
+
+
+@pytest.fixture(autouse=True)
+def _no_test_images(dockerd: Dockerd) -> Iterator[None]:
+    """Every test starts and ends without the unlocked images (and without dangling ones)."""
+    dockerd.remove_images(NAME, BIG_NAME)
+    yield
+    dockerd.remove_images(NAME, BIG_NAME)
+
+
+def _no_cdn(settings: CdnSettings) -> Cdn:
+    raise AssertionError("unlock must not touch the CDN")
+
+
+@dataclass
+class Harness:
+    job: UnlockJob
+    config: Config
+    lines: list[str] = field(default_factory=list)
+
+    def wait(self, timeout: float = 120) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.job.status()
+            if status["state"] not in RUNNING:
+                return status
+            time.sleep(0.02)
+        raise AssertionError(f"unlock still running after {timeout}s: {self.job.status()}")
+
+    def run(self, credentials: Credentials | None = None) -> dict[str, object]:
+        reply = self.job.start(credentials)
+        assert reply["state"] in RUNNING
+        return self.wait()
+
+
+def make_config(
+    state_dir: Path, api_url: str, docker_url: str, archive: Path, images: tuple[str, ...] = (IMAGE,)
+) -> Config:
+    return Config(
+        api=ApiConfig(url=api_url, retries=3, timeout=10, backoff=0.01),
+        state_dir=state_dir,
+        unlock=UnlockConfig(archive=archive, version=VERSION, images=images),
+        docker=DockerConfig(base_url=docker_url, timeout=600),
+    )
+
+
+@pytest.fixture
+def harness(
+    tmp_path: Path, api_server: RefServer, dockerd: Dockerd
+) -> Iterator[Callable[..., Harness]]:
+    made: list[Harness] = []
+
+    def make(
+        archive: Path,
+        *,
+        images: tuple[str, ...] = (IMAGE,),
+        docker_url: str | None = None,
+        fallback: Credentials | None = CREDS,
+    ) -> Harness:
+        config = make_config(tmp_path / "state", api_server.url, docker_url or dockerd.url, archive, images)
+        api = ResourceApi(
+            requests.Session(),
+            config.api.url,
+            "CPU: test. GPU: none. Memory: 1 kB. DriveSerial: x.",
+            fallback_credentials=lambda: fallback,
+            retries=config.api.retries,
+            timeout=config.api.timeout,
+            backoff=config.api.backoff,
+        )
+        lines: list[str] = []
+        images_api = DockerImages(config.docker.base_url, config.docker.timeout)
+        h = Harness(UnlockJob(config, Account(api, _no_cdn), images_api, lines.append), config, lines)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.job.close()
+
+
+def _error_kind(status: dict[str, object]) -> object:
+    error = status["error"]
+    assert isinstance(error, dict), status
+    return error["kind"]
+
+
+# -- the happy path ---------------------------------------------------------------------------
+
+
+def test_unlock_loads_the_image_with_its_id_and_a_second_run_is_ready_at_once(
+    harness: Callable[..., Harness], sealed: Sealed, dockerd: Dockerd, api_server: RefServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    before = dockerd.all_images()
+    h = harness(sealed.enc)
+    status = h.run()
+    assert status == {"state": "ready", "error": None, "progress": None}
+    assert dockerd.cli("image", "inspect", "--format", "{{.Id}}", sealed.name).strip() == sealed.image_id
+    assert dockerd.all_images() - before == {sealed.image_id}  # nothing dangling beside it
+    assert api_server.calls("/binary-split/key-fragment") == 1
+    assert any(line.startswith("unlock: decrypting") for line in h.lines)
+    assert h.lines[-1] == "unlock: ready"
+
+    logins = api_server.calls("/login")
+    started = time.monotonic()
+    assert h.run()["state"] == "ready"
+    assert time.monotonic() - started < 5
+    assert api_server.calls("/login") == logins  # ready at once: no login, no key fragment
+    assert api_server.calls("/binary-split/key-fragment") == 1
+
+    # No secret in any status line, log record or the persisted state.
+    persisted = h.config.unlock_state_path.read_text()
+    for text in ("\n".join(h.lines), caplog.text, persisted):
+        assert PASSWORD not in text
+        assert FRAGMENT.hex() not in text
+    assert json.loads(persisted)["state"] == "ready"
+    assert h.config.unlock_state_path.stat().st_mode & 0o777 == 0o600
+
+
+def test_progress_is_reported_in_archive_bytes(
+    harness: Callable[..., Harness], sealed_big: Sealed
+) -> None:
+    h = harness(sealed_big.enc, images=(BIG_NAME,))
+    h.job.start(None)
+    seen: list[dict[str, int]] = []
+    while (status := h.job.status())["state"] in RUNNING:
+        if status["state"] == "decrypting" and isinstance(status["progress"], dict):
+            seen.append(status["progress"])
+        time.sleep(0.005)
+    assert status["state"] == "ready", status
+    total = sealed_big.enc.stat().st_size
+    assert seen and all(p["total"] == total and 0 <= p["done"] <= total for p in seen)
+    percents = [line for line in h.lines if line.startswith("unlock: decrypting ")]
+    assert 5 <= len(percents) <= 22  # about every 5%, not every chunk
+
+
+# -- integrity ----------------------------------------------------------------------------------
+
+
+def _assert_integrity_and_no_new_image(h: Harness, dockerd: Dockerd) -> None:
+    before = dockerd.all_images()
+    status = h.run()
+    assert status["state"] == "error"
+    assert status["error"] == {
+        "kind": "integrity",
+        "message": "the image archive could not be decrypted: wrong key fragment, or a damaged archive",
+    }
+    assert dockerd.all_images() == before
+    assert dockerd.cli("images", "-q", "--filter", "dangling=true") == ""
+
+
+def test_wrong_key_fragment_is_integrity_and_loads_nothing(
+    harness: Callable[..., Harness], sealed: Sealed, dockerd: Dockerd, api_server: RefServer
+) -> None:
+    for _ in range(3):  # a few random wrong keys: each must fail the same way
+        api_server.set_key_fragment(secrets.token_bytes(32))
+        _assert_integrity_and_no_new_image(harness(sealed.enc), dockerd)
+
+
+@pytest.mark.parametrize("cut", [16, 4096, 7, 1024 * 1024 + 5])
+def test_truncated_archive_is_integrity(
+    harness: Callable[..., Harness], sealed: Sealed, dockerd: Dockerd, tmp_path: Path, cut: int
+) -> None:
+    damaged = tmp_path / "truncated.enc"
+    damaged.write_bytes(sealed.enc.read_bytes()[:-cut])
+    _assert_integrity_and_no_new_image(harness(damaged), dockerd)
+
+
+@pytest.mark.parametrize("offset", [-1, -17, -16])
+def test_tampered_last_blocks_are_integrity(
+    harness: Callable[..., Harness], sealed: Sealed, dockerd: Dockerd, tmp_path: Path, offset: int
+) -> None:
+    data = bytearray(sealed.enc.read_bytes())
+    data[offset] ^= 0x01  # -17 flips the padding byte through CBC; -1/-16 garble the last block
+    damaged = tmp_path / "tampered.enc"
+    damaged.write_bytes(bytes(data))
+    _assert_integrity_and_no_new_image(harness(damaged), dockerd)
+
+
+def test_padding_failure_raises_before_docker_sees_the_end_of_the_tar(
+    sealed: Sealed, dockerd: Dockerd, tmp_path: Path
+) -> None:
+    """Bypass the up-front tail check: the stream alone must keep docker from loading anything."""
+    plain = sealed.tar.read_bytes()
+    key = archive_key(FRAGMENT)
+    # Well-formed ciphertext of the whole tar whose final block is not PKCS7 padding.
+    iv = secrets.token_bytes(16)
+    enc = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+    bad = iv + enc.update(plain + b"\x00" * 16) + enc.finalize()
+    path = tmp_path / "badpad.enc"
+    path.write_bytes(bad)
+
+    sent = 0
+
+    def counted(stream: Iterator[bytes]) -> Iterator[bytes]:
+        nonlocal sent
+        for piece in stream:
+            sent += len(piece)
+            yield piece
+
+    before = dockerd.all_images()
+    images = DockerImages(dockerd.url, 600)
+    with open(path, "rb", buffering=0) as archive, pytest.raises(IntegrityError):
+        images.load(counted(decrypted_tar(archive, key)))
+    images.close()
+    assert sent <= len(plain) - 1024  # the two zero blocks that end the tar never left
+    assert dockerd.all_images() == before
+
+
+def test_stream_without_tar_end_is_refused(tmp_path: Path, sealed: Sealed) -> None:
+    """Correct padding over a tar that lacks its end blocks is refused too, before the tail."""
+    key = archive_key(FRAGMENT)
+    path = tmp_path / "short.enc"
+    with open(path, "wb") as out:
+        crypto.encrypt_stream(io.BytesIO(sealed.tar.read_bytes()[:-1024]), out, key)
+    with open(path, "rb", buffering=0) as archive, pytest.raises(IntegrityError):
+        for _ in decrypted_tar(archive, key):
+            pass
+
+
+def test_wrong_key_that_passes_the_padding_check_is_caught_by_the_tar_header(sealed: Sealed) -> None:
+    """About 1 wrong key in 256 yields valid-looking padding; the first tar block still exposes it."""
+    data = sealed.enc.read_bytes()
+    while True:
+        key = secrets.token_bytes(32)
+        try:
+            crypto.check_tail(data[-32:], key)
+            break
+        except IntegrityError:
+            continue
+    yielded: list[bytes] = []
+    with pytest.raises(IntegrityError):
+        yielded.extend(decrypted_tar(io.BytesIO(data), key))
+    assert yielded == []
+
+
+# -- archive and engine problems ---------------------------------------------------------------
+
+
+def test_missing_archive_with_images_present_is_ready(
+    harness: Callable[..., Harness], sealed: Sealed, dockerd: Dockerd, api_server: RefServer, tmp_path: Path
+) -> None:
+    dockerd.cli("load", "-i", str(sealed.tar))
+    status = harness(tmp_path / "absent.enc").run()
+    assert status["state"] == "ready"
+    assert api_server.calls("/login") == 0
+
+
+def test_missing_archive_with_images_absent_is_not_found(
+    harness: Callable[..., Harness], api_server: RefServer, tmp_path: Path
+) -> None:
+    status = harness(tmp_path / "absent.enc").run()
+    assert status["state"] == "error"
+    assert _error_kind(status) == "not_found"
+    assert api_server.calls("/login") == 0
+
+
+def test_docker_not_running_is_a_clear_docker_error(
+    harness: Callable[..., Harness], sealed: Sealed, tmp_path: Path
+) -> None:
+    url = f"unix://{tmp_path}/dead.sock"
+    status = harness(sealed.enc, docker_url=url).run()
+    assert status["state"] == "error"
+    assert status["error"] == {
+        "kind": "docker",
+        "message": f"the Docker engine at {url} is not reachable: is docker.service running?",
+    }
+
+
+def test_images_not_in_the_archive_are_reported(
+    harness: Callable[..., Harness], sealed: Sealed, dockerd: Dockerd
+) -> None:
+    status = harness(sealed.enc, images=(IMAGE, "azaion/not-sealed:{version}")).run()
+    assert status["state"] == "error"
+    assert _error_kind(status) == "docker"
+    assert "azaion/not-sealed:1" in str(status["error"])
+
+
+# -- the Resource API ----------------------------------------------------------------------------
+
+
+def test_key_fragment_500_is_retried_then_reported(
+    harness: Callable[..., Harness], sealed: Sealed, api_server: RefServer
+) -> None:
+    api_server.fail_next(4, "/binary-split", 500)  # retries=3: four attempts, all fail
+    status = harness(sealed.enc).run()
+    assert status["state"] == "error"
+    assert _error_kind(status) == "upstream"
+    assert api_server.calls("/binary-split/key-fragment") == 4
+
+
+def test_key_fragment_500_then_success(
+    harness: Callable[..., Harness], sealed: Sealed, api_server: RefServer
+) -> None:
+    api_server.fail_next(2, "/binary-split", 503)
+    assert harness(sealed.enc).run()["state"] == "ready"
+    assert api_server.calls("/binary-split/key-fragment") == 3
+
+
+def test_refused_login_is_not_authenticated(
+    harness: Callable[..., Harness], sealed: Sealed
+) -> None:
+    status = harness(sealed.enc).run(Credentials(EMAIL, "wrong password"))
+    assert status["state"] == "error"
+    assert _error_kind(status) == "not_authenticated"
+    assert "wrong password" not in str(status)
+
+
+def test_no_credentials_is_not_authenticated(harness: Callable[..., Harness], sealed: Sealed) -> None:
+    status = harness(sealed.enc, fallback=None).run()
+    assert status["state"] == "error"
+    assert _error_kind(status) == "not_authenticated"
+
+
+# -- one job at a time, persistence ---------------------------------------------------------------
+
+
+def test_ten_concurrent_starts_run_one_job(
+    harness: Callable[..., Harness], sealed: Sealed, api_server: RefServer
+) -> None:
+    h = harness(sealed.enc)
+    barrier = threading.Barrier(10)
+    replies: list[dict[str, object]] = []
+
+    def call() -> None:
+        barrier.wait()
+        replies.append(h.job.start(None))
+
+    threads = [threading.Thread(target=call) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(replies) == 10 and all(r["state"] in RUNNING for r in replies)
+    assert h.wait()["state"] == "ready"
+    assert api_server.calls("/binary-split/key-fragment") == 1
+    assert api_server.calls("/login") == 1
+
+
+def test_a_new_run_never_shows_the_previous_outcome(
+    harness: Callable[..., Harness], sealed: Sealed, api_server: RefServer
+) -> None:
+    api_server.fail_next(4, "/binary-split", 500)
+    h = harness(sealed.enc)
+    assert h.run()["state"] == "error"
+    api_server.set_latency(0.2)  # keep the second run busy long enough to look at it
+    reply = h.job.start(None)
+    assert reply["state"] in RUNNING
+    status = h.job.status()
+    assert status["state"] in RUNNING and status["error"] is None
+    assert h.wait()["state"] == "ready"
+
+
+def test_outcome_survives_a_restart_of_the_job(
+    harness: Callable[..., Harness], sealed: Sealed, tmp_path: Path
+) -> None:
+    missing = harness(tmp_path / "absent.enc")
+    assert missing.run()["state"] == "error"
+    missing.job.close()
+    again = harness(tmp_path / "absent.enc")
+    assert again.job.status() == missing.job.status()
+    assert _error_kind(again.job.status()) == "not_found"
+
+    assert again.job.start(None)["state"] in RUNNING  # a new run replaces the old outcome
+    again.wait()
+    ok = harness(sealed.enc)
+    assert ok.run()["state"] == "ready"
+    assert harness(sealed.enc).job.status() == {"state": "ready", "error": None, "progress": None}
+
+
+def test_close_cancels_a_running_job(
+    harness: Callable[..., Harness], sealed_big: Sealed, dockerd: Dockerd
+) -> None:
+    before = dockerd.all_images()
+    h = harness(sealed_big.enc, images=(BIG_NAME,))
+    h.job.start(None)
+    while h.job.status()["state"] != "decrypting":
+        assert h.job.status()["state"] in RUNNING, h.job.status()
+        time.sleep(0.001)
+    h.job.close()
+    status = h.job.status()
+    assert status["state"] == "idle" and _error_kind(status) == "interrupted"
+    assert dockerd.all_images() == before
+    assert harness(sealed_big.enc, images=(BIG_NAME,)).job.status() == status
+
+
+# -- a crash in the middle of a run -------------------------------------------------------------
+
+_CHILD = """
+import sys, requests
+from pathlib import Path
+from azaiond.account import Account
+from azaiond.apiclient import Credentials, ResourceApi
+from azaiond.images import DockerImages
+from azaiond.unlock import UnlockJob
+from tests.test_unlock import make_config
+
+state, api_url, docker_url, archive, image, email, password = sys.argv[1:]
+config = make_config(Path(state), api_url, docker_url, Path(archive), (image,))
+creds = Credentials(email, password)
+api = ResourceApi(requests.Session(), api_url, "hw", fallback_credentials=lambda: creds)
+def line(text):
+    print(text, flush=True)
+job = UnlockJob(config, Account(api, None), DockerImages(docker_url, 600), line)
+job.start(None)
+import time
+while True:
+    time.sleep(1)
+"""
+
+
+def test_kill_9_mid_unlock_then_unlock_again(
+    harness: Callable[..., Harness],
+    sealed_big: Sealed,
+    dockerd: Dockerd,
+    api_server: RefServer,
+    tmp_path: Path,
+) -> None:
+    before = dockerd.all_images()
+    state = tmp_path / "state"
+    args = [state, api_server.url, dockerd.url, sealed_big.enc, BIG_NAME, EMAIL, PASSWORD]
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, *map(str, args)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert child.stdout is not None
+    seen: list[str] = []
+    for line in child.stdout:
+        seen.append(line.strip())
+        if line.startswith("unlock: decrypting "):  # a percentage line: mid-stream
+            os.kill(child.pid, signal.SIGKILL)
+            break
+    child.wait(10)
+    assert child.returncode == -signal.SIGKILL, seen
+    assert "unlock: ready" not in seen
+
+    h = harness(sealed_big.enc, images=(BIG_NAME,))
+    status = h.job.status()
+    assert status["state"] == "idle" and _error_kind(status) == "interrupted"
+    time.sleep(0.5)  # docker notices the dropped connection and drops its temp files
+    assert dockerd.all_images() == before  # the aborted stream created no image
+
+    assert h.run()["state"] == "ready"
+    assert dockerd.cli("image", "inspect", "--format", "{{.Id}}", BIG_NAME).strip() == sealed_big.image_id
+    assert dockerd.all_images() - before == {sealed_big.image_id}
+    assert dockerd.cli("images", "-q", "--filter", "dangling=true") == ""
+    assert sorted(p.name for p in state.iterdir()) == ["unlock.json"]
+    assert not list((dockerd.root / "data" / "tmp").glob("docker-import-*"))
+
+
+# -- through the daemon (a separate process, JSON-RPC on its socket) ---------------------------
+
+
+@pytest.fixture
+def unlockd(
+    azaiond_factory: Callable[..., DaemonHandle], api_server: RefServer, dockerd: Dockerd, tmp_path: Path
+) -> Callable[..., DaemonHandle]:
+    """Start (or restart: same name, same state dir) a daemon set up to unlock ``archive``."""
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "login").write_text(f"email: {EMAIL}\npassword: {PASSWORD}\n")
+    creds.chmod(0o700)
+
+    def start(archive: Path, images: tuple[str, ...] = (IMAGE,), docker_url: str | None = None) -> DaemonHandle:
+        overrides = {
+            "api": {"url": api_server.url, "retries": 3, "backoff": 0.01},
+            "unlock": {"archive": str(archive), "version": VERSION, "images": list(images)},
+            "docker": {"base_url": docker_url or dockerd.url},
+        }
+        return azaiond_factory(name="unlockd", overrides=overrides, env={"CREDENTIALS_DIRECTORY": str(creds)})
+
+    return start
+
+
+def _result(reply: dict[str, object]) -> dict[str, object]:
+    assert "result" in reply, reply
+    result = reply["result"]
+    assert isinstance(result, dict)
+    return result
+
+
+def _wait_daemon(d: DaemonHandle, timeout: float = 120) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _result(d.call("unlock_status"))
+        if status["state"] not in RUNNING:
+            return status
+        time.sleep(0.02)
+    raise AssertionError(f"unlock still running after {timeout}s")
+
+
+def test_daemon_unlock_happy_path_and_status_after_restart(
+    unlockd: Callable[..., DaemonHandle], sealed: Sealed, dockerd: Dockerd, api_server: RefServer
+) -> None:
+    before = dockerd.all_images()
+    d = unlockd(sealed.enc)
+    assert _result(d.call("unlock"))["state"] in RUNNING
+    assert _wait_daemon(d) == {"state": "ready", "error": None, "progress": None}
+    assert dockerd.cli("image", "inspect", "--format", "{{.Id}}", sealed.name).strip() == sealed.image_id
+    assert dockerd.all_images() - before == {sealed.image_id}
+    assert _result(d.call("status"))["unlock"] == {"state": "ready", "error": None, "progress": None}
+
+    assert _result(d.call("unlock"))["state"] in {*RUNNING, "ready"}
+    assert _wait_daemon(d)["state"] == "ready"
+    assert api_server.calls("/binary-split/key-fragment") == 1
+    d.stop()
+    for secret in (PASSWORD, FRAGMENT.hex()):
+        assert secret not in d.log_text()
+
+    again = unlockd(sealed.enc)  # same state dir: the outcome survived the restart
+    assert _result(again.call("unlock_status")) == {"state": "ready", "error": None, "progress": None}
+
+
+def test_daemon_ten_concurrent_unlock_calls_start_one_job(
+    unlockd: Callable[..., DaemonHandle], sealed: Sealed, api_server: RefServer
+) -> None:
+    d = unlockd(sealed.enc)
+    barrier = threading.Barrier(10)
+    states: list[object] = []
+
+    def call() -> None:
+        barrier.wait()
+        states.append(_result(d.call("unlock"))["state"])
+
+    threads = [threading.Thread(target=call) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(states) == 10
+    assert _wait_daemon(d)["state"] == "ready"
+    assert api_server.calls("/binary-split/key-fragment") == 1
+    assert api_server.calls("/login") == 1
+
+
+def test_daemon_reports_integrity_and_docker_errors(
+    unlockd: Callable[..., DaemonHandle], sealed: Sealed, dockerd: Dockerd, api_server: RefServer, tmp_path: Path
+) -> None:
+    before = dockerd.all_images()
+    api_server.set_key_fragment(secrets.token_bytes(32))
+    d = unlockd(sealed.enc)
+    d.call("unlock")
+    status = _wait_daemon(d)
+    assert status["state"] == "error" and _error_kind(status) == "integrity"
+    assert dockerd.all_images() == before
+    d.stop()
+
+    dead = unlockd(sealed.enc, docker_url=f"unix://{tmp_path}/dead.sock")
+    assert _result(dead.call("unlock_status"))["error"] == status["error"]  # persisted until a new run
+    dead.call("unlock")
+    status = _wait_daemon(dead)
+    assert status["state"] == "error" and _error_kind(status) == "docker"
+    assert "is not reachable: is docker.service running?" in str(status["error"])
+
+
+def test_daemon_kill_9_mid_unlock_then_unlock_again(
+    unlockd: Callable[..., DaemonHandle], sealed_big: Sealed, dockerd: Dockerd
+) -> None:
+    before = dockerd.all_images()
+    d = unlockd(sealed_big.enc, images=(BIG_NAME,))
+    d.call("unlock")
+    while True:
+        status = _result(d.call("unlock_status"))
+        progress = status["progress"]
+        if status["state"] == "decrypting" and isinstance(progress, dict) and progress["done"] > 0:
+            break
+        assert status["state"] in RUNNING, status
+        time.sleep(0.002)
+    os.kill(d.proc.pid, signal.SIGKILL)
+    d.proc.wait(10)
+    time.sleep(0.5)  # docker notices the dropped connection and drops its temp files
+    assert dockerd.all_images() == before
+
+    again = unlockd(sealed_big.enc, images=(BIG_NAME,))
+    status = _result(again.call("unlock_status"))
+    assert status["state"] == "idle" and _error_kind(status) == "interrupted"
+    again.call("unlock")
+    assert _wait_daemon(again)["state"] == "ready"
+    assert dockerd.cli("image", "inspect", "--format", "{{.Id}}", BIG_NAME).strip() == sealed_big.image_id
+    assert dockerd.all_images() - before == {sealed_big.image_id}
+    assert dockerd.cli("images", "-q", "--filter", "dangling=true") == ""
+    leftovers = [p for p in again.state_dir.rglob("*") if p.name.endswith(".tmp") or p.suffix == ".tar"]
+    assert leftovers == []
+    assert not list((dockerd.root / "data" / "tmp").glob("docker-import-*"))
+    again.stop()
+
+
+# -- Debian's docker SDK (python3-docker 5.0.3) ---------------------------------------------------
+
+_DEBIAN_CHECK = """
+import sys
+import docker
+from azaiond.errors import DockerError
+from azaiond.images import DockerImages
+
+url, name, tar, dead = sys.argv[1:]
+print("sdk", docker.__version__)
+images = DockerImages(url, 600)
+assert images.missing([name]) == [name]
+data = open(tar, "rb").read()
+
+class Stop(Exception):
+    pass
+
+def failing():
+    yield data[:-2048]
+    raise Stop()
+
+try:
+    images.load(failing())
+    raise SystemExit("a failing generator must raise")
+except Stop:
+    pass
+assert images.missing([name]) == [name], "nothing may be loaded from a failed stream"
+try:
+    images.load(iter([b"not a tar" * 1000]))
+    raise SystemExit("garbage must be refused")
+except DockerError as exc:
+    print("refused:", exc)
+loaded = images.load(iter([data[i : i + 65536] for i in range(0, len(data), 65536)]))
+assert images.missing([name]) == [], loaded
+print("id", images.image_id(name))
+try:
+    DockerImages(dead, 5).missing([name])
+    raise SystemExit("a dead engine must fail")
+except DockerError as exc:
+    print("dead:", exc)
+"""
+
+
+def test_images_work_with_debians_docker_sdk(sealed: Sealed, dockerd: Dockerd, tmp_path: Path) -> None:
+    python = "/usr/bin/python3"
+    probe = subprocess.run([python, "-c", "import docker"], capture_output=True, check=False)
+    if probe.returncode:
+        pytest.skip("Debian's python3-docker is not installed (apt-get install python3-docker)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    args = [dockerd.url, sealed.name, str(sealed.tar), f"unix://{tmp_path}/dead.sock"]
+    proc = subprocess.run(
+        [python, "-c", _DEBIAN_CHECK, *args], capture_output=True, text=True, env=env, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "sdk 5." in proc.stdout
+    assert f"id {sealed.image_id}" in proc.stdout
+    assert "is not reachable: is docker.service running?" in proc.stdout
