@@ -23,6 +23,7 @@ from azaiond.cli import exitcodes
 from azaiond.cli.progress import Progress, render
 from azaiond.devstack import DevStack
 from azaiond.errors import ALL_ERRORS, AzaionError
+from tests.fixtures_daemon import DaemonHandle
 from tests.test_client import GOOD_PASSWORD, FakeDaemon, blob, fake_daemon
 
 CLI = [sys.executable, "-m", "azaiond.cli.main"]
@@ -432,35 +433,11 @@ def test_progress_render_and_updates() -> None:
 
 
 @pytest.fixture
-def real_daemon(clean_stack: DevStack) -> Iterator[str]:
-    """``python -m azaiond.daemon`` on a temp socket against the dev stack; yields the socket path.
-
-    (Started here until tests/fixtures_daemon.py offers its fixture; that one should replace this.)
-    """
-    directory = Path(tempfile.mkdtemp(prefix="azd-"))
-    sock = directory / "d.sock"
-    config = clean_stack.write_config(directory / "config.yaml", directory / "state", sock)
-    env = {**os.environ, "CREDENTIALS_DIRECTORY": str(clean_stack.write_credentials(directory / "creds"))}
-    log = (directory / "daemon.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "azaiond.daemon", "--config", str(config)],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-        env=env,
-    )
-    try:
-        for _ in range(200):
-            if sock.exists() or proc.poll() is not None:
-                break
-            threading.Event().wait(0.05)
-        assert sock.exists(), (directory / "daemon.log").read_text()
-        yield str(sock)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
-        shutil.rmtree(directory, ignore_errors=True)
+def real_daemon(clean_stack: DevStack, azaiond_factory: Callable[..., DaemonHandle], tmp_path: Path) -> str:
+    """The real daemon against the dev stack, with its login credential installed; the socket path."""
+    creds = clean_stack.write_credentials(tmp_path / "creds")
+    handle = azaiond_factory(config_writer=clean_stack.write_config, env={"CREDENTIALS_DIRECTORY": str(creds)})
+    return str(handle.socket_path)
 
 
 def test_round_trip_through_the_real_daemon(
