@@ -60,7 +60,7 @@ class CdnSettings:
         return cls(**values)
 
 
-def _botocore_config(retries: int) -> botocore.config.Config:
+def botocore_config(retries: int) -> botocore.config.Config:
     options: dict[str, Any] = {
         "retries": {"max_attempts": retries + 1, "mode": "standard"},
         "signature_version": "s3v4",
@@ -92,7 +92,7 @@ class Cdn:
     ) -> None:
         session = session or boto3.session.Session()
         self.endpoint = endpoint or _endpoint(settings.host)
-        config = _botocore_config(retries)
+        config = botocore_config(retries)
         common: dict[str, Any] = {"endpoint_url": self.endpoint, "region_name": "us-east-1", "config": config}
         self._reader = session.client(
             "s3",

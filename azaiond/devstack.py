@@ -34,6 +34,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
+from azaiond.cdn import botocore_config
 from azaiond.names import check_bucket
 from azaiond.refserver import RefServer, User
 
@@ -57,13 +58,9 @@ _active_lock = threading.Lock()
 
 
 def boto_config() -> BotoConfig:
-    """What every client of the stack's S3 needs: no optional checksums, path-style addressing."""
-    return BotoConfig(
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-        s3={"addressing_style": "path"},
-        retries={"max_attempts": 2, "mode": "standard"},
-    )
+    """What every client of the stack's S3 needs: the daemon's own settings (path-style
+    addressing, no optional checksums where botocore has them), with one retry."""
+    return botocore_config(retries=1)
 
 
 @dataclass(frozen=True)

@@ -228,7 +228,11 @@ class UnlockJob:
         cfg = self._config.unlock
         wanted = [name.replace("{version}", cfg.version) for name in cfg.images]
         if not wanted:
+            # Nothing is asked for, so nothing can be missing: ready without touching Docker,
+            # which a host without Docker (it is only Recommended) must not need at boot.
             log.warning("unlock.images is empty: nothing to unlock")
+            self._finish(READY)
+            return
         missing = self._images.missing(wanted)
         if not missing:
             self._finish(READY)

@@ -363,6 +363,16 @@ def test_docker_not_running_is_a_clear_docker_error(
     }
 
 
+def test_no_images_configured_is_ready_without_docker(
+    harness: Callable[..., Harness], sealed: Sealed, tmp_path: Path, api_server: RefServer
+) -> None:
+    # A host without Docker must not fail its boot unlock when nothing is asked of it.
+    before = sum(api_server.counters().values())
+    status = harness(sealed.enc, images=(), docker_url=f"unix://{tmp_path}/no-docker.sock").run()
+    assert status["state"] == "ready" and status["error"] is None
+    assert sum(api_server.counters().values()) == before  # no login, no key fragment
+
+
 def test_images_not_in_the_archive_are_reported(
     harness: Callable[..., Harness], sealed: Sealed, dockerd: Dockerd
 ) -> None:
