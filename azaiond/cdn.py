@@ -22,6 +22,7 @@ import botocore.exceptions
 import yaml
 from boto3.s3.transfer import TransferConfig
 
+from azaiond.cdn_upload import GrowingFileUpload
 from azaiond.errors import CdnError, NotFound, UpstreamError
 from azaiond.fsutil import atomic_file
 from azaiond.names import check_bucket, check_name
@@ -87,7 +88,7 @@ class Cdn:
         *,
         endpoint: str | None = None,
         retries: int = 3,
-        multipart_chunk_mb: int = 16,
+        multipart_chunk_mb: int = 8,
         session: boto3.session.Session | None = None,
     ) -> None:
         session = session or boto3.session.Session()
@@ -107,10 +108,11 @@ class Cdn:
             **common,
         )
         chunk = multipart_chunk_mb * 1024 * 1024
+        self._part_size = chunk
         # Files named by path and seekable sinks stream part by part. A plain file object or a
         # pipe makes s3transfer hold whole parts (or out-of-order parts) in memory, so those get
         # one part at a time to keep memory flat.
-        self._transfer = TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk, max_concurrency=4)
+        self._transfer = TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk, max_concurrency=10)
         self._serial = TransferConfig(
             multipart_threshold=chunk, multipart_chunksize=chunk, max_concurrency=1, use_threads=False
         )
@@ -154,9 +156,18 @@ class Cdn:
         log.info("downloaded %s/%s from the CDN (%d bytes)", bucket, key, size)
         return size
 
-    def upload_path(self, bucket: str, key: str, path: Path) -> None:
-        """Upload a file by path: parts are read lazily, several at once."""
-        self._upload(bucket, key, lambda: self._writer.upload_file(str(path), bucket, key, Config=self._transfer))
+    def growing_upload(self, bucket: str, key: str, path: Path) -> GrowingFileUpload:
+        """A multipart upload of ``path`` that sends parts while the file is still being written."""
+        check_bucket(bucket)
+        check_name(key, "key")
+        return GrowingFileUpload(
+            self._writer,
+            bucket,
+            key,
+            path,
+            part_size=self._part_size,
+            translate=lambda exc: self._translate(exc, "upload", bucket, key),
+        )
 
     def upload_from(self, bucket: str, key: str, source: IO[bytes] | io.RawIOBase) -> None:
         """Stream a readable binary file object (a pipe too) to the CDN, one part at a time."""

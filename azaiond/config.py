@@ -55,7 +55,7 @@ class ResourcesConfig:
 class CdnConfig:
     endpoint: str | None = None
     retries: int = 3
-    multipart_chunk_mb: int = 16
+    multipart_chunk_mb: int = 8  # boto3's own default part size
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ docs/security.md.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import threading
@@ -190,9 +189,12 @@ class SplitResources:
         head = _read_up_to(source, limit * 4)
         enc = crypto.StreamEncryptor(key)
         path = self.cache_path(name, folder)
-        digest = hashlib.sha256(head)
         size = len(head)
-        with atomic_file(path) as big:
+        cdn = self._cdn()  # fails before any work when the CDN cannot be had
+        # The big part is written to a temp file that becomes the cache entry, and each part of
+        # it goes to the CDN as soon as it is written. The temp file is renamed into the cache
+        # only once both parts are stored upstream, so a failed upload leaves no cache entry.
+        with atomic_file(path) as big, cdn.growing_upload(folder, f"{name}.big", Path(big.name)) as cdn_part:
             ct_head = bytes(enc.update(head))
             if len(head) < limit * 4:  # the whole resource was read: compute the exact split
                 ct_head += enc.finalize()
@@ -211,15 +213,12 @@ class SplitResources:
                     n = source.readinto(buf)
                     if not n:
                         break
-                    digest.update(view[:n])
                     size += n
                     big.write(enc.update(view[:n]))
+                    cdn_part.advance(big)
                 big.write(enc.finalize())
-            big.flush()
+            cdn_part.finish(big)
             big_size = big.tell()
-            # The big part goes up from the temp file by path; it is renamed into the cache only
-            # once both parts are stored upstream, so a failed upload leaves no cache entry.
-            self._cdn().upload_path(folder, f"{name}.big", Path(big.name))
             self._api.upload(folder, f"{name}.small", small)
         log.info("uploaded %s/%s: %d bytes (small %d, big %d)", folder, name, size, len(small), big_size)
         return UploadResult(size=size, small_size=len(small), big_size=big_size)

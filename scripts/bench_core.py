@@ -193,22 +193,30 @@ def main() -> int:
             rows.setdefault(name, []).append(result)
 
         for i in range(args.repeat):
-            # Upload: ours, then the baseline (openssl enc to a file + boto3 upload_file).
-            record("upload", _measure(_py("upload", str(config), "res.bin", str(plain)), env))
-            enc = work / "enc.bin"
-            iv = os.urandom(16)
-            t = time.perf_counter()
-            subprocess.run(
-                [
-                    "openssl", "enc", "-aes-256-cbc", "-K", key.hex(), "-iv", iv.hex(),
-                    "-in", str(plain), "-out", str(enc),
-                ],
-                check=True,
-            )
-            ossl_enc = time.perf_counter() - t
-            put, put_rss = _measure(_py("s3put", *s3, str(enc), f"baseline-{i}.bin"), env)
-            record("upload_baseline", (ossl_enc + put, put_rss))
-            stack.s3_admin_client().delete_object(Bucket=FOLDER, Key=f"baseline-{i}.bin")
+            # Upload: ours and the baseline (openssl enc to a file + boto3 upload_file), taking
+            # turns at going first so neither always meets the S3 server in the same state.
+            def ours() -> None:
+                record("upload", _measure(_py("upload", str(config), "res.bin", str(plain)), env))
+
+            def baseline(i: int = i) -> None:
+                enc = work / "enc.bin"
+                iv = os.urandom(16)
+                t = time.perf_counter()
+                subprocess.run(
+                    [
+                        "openssl", "enc", "-aes-256-cbc", "-K", key.hex(), "-iv", iv.hex(),
+                        "-in", str(plain), "-out", str(enc),
+                    ],
+                    check=True,
+                )
+                ossl_enc = time.perf_counter() - t
+                put, put_rss = _measure(_py("s3put", *s3, str(enc), f"baseline-{i}.bin"), env)
+                record("upload_baseline", (ossl_enc + put, put_rss))
+                stack.s3_admin_client().delete_object(Bucket=FOLDER, Key=f"baseline-{i}.bin")
+                enc.unlink()
+
+            for step in (ours, baseline) if i % 2 == 0 else (baseline, ours):
+                step()
 
             # The same ciphertext as one file for the decrypt baselines: small part + cached big part.
             small = stack.refserver.get_part(FOLDER, "res.bin.small")
@@ -222,7 +230,6 @@ def main() -> int:
             with open(ct, "rb") as src, open(body, "wb") as dst:
                 src.seek(16)
                 shutil.copyfileobj(src, dst, CHUNK)
-            enc.unlink()
 
             # Load (warm cache), openssl, bare loop; alternating, same output path.
             record("load", _measure(_py("load", str(config), "res.bin", str(out)), env))
@@ -249,7 +256,8 @@ def main() -> int:
         print(f"\nbench_core: {args.size_mb} MiB, {args.repeat} runs, medians (peak RSS in MiB)")
         for k in ("load", "bare", "openssl", "daemon_load", "upload", "upload_baseline", "idle"):
             extra = f"  rss {rss[k] / 1024:7.1f}" if rss[k] else ""
-            print(f"  {k:16s} {med[k]:8.3f} s  {size_gib / med[k] if med[k] else 0:6.2f} GiB/s{extra}")
+            samples = " ".join(f"{s:.3f}" for s, _ in rows[k])
+            print(f"  {k:16s} {med[k]:8.3f} s  {size_gib / med[k] if med[k] else 0:6.2f} GiB/s{extra}  [{samples}]")
         idle = rss["idle"]
         print("ratios (target):")
         print(f"  load / bare loop         {med['load'] / med['bare']:.3f}  (<= 1.10)")
