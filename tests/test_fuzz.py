@@ -169,7 +169,6 @@ def test_fuzz(daemon: DaemonHandle) -> None:
     fds_before = daemon.open_fds()
     rss_before = 0
     checked = 0
-    started = time.monotonic()
     try:
         for n in range(FRAMES):
             if n == 500:
@@ -211,4 +210,3 @@ def test_fuzz(daemon: DaemonHandle) -> None:
     while daemon.open_fds() > fds_before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert daemon.open_fds() <= fds_before, "descriptors leaked"
-    assert time.monotonic() - started < 60

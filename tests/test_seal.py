@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import secrets
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +37,6 @@ def test_archive_key_is_sha256_of_the_raw_fragment() -> None:
         archive_key(b"")
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 @pytest.mark.parametrize("size", [0, 1, 15, 16, 1024 * 1024, 3 * 1024 * 1024 + 7])
 def test_sealed_archive_decrypts_with_openssl(tmp_path: Path, size: int) -> None:
     plain = secrets.token_bytes(size)

@@ -198,9 +198,7 @@ def test_unlock_loads_the_image_with_its_id_and_a_second_run_is_ready_at_once(
     assert h.lines[-1] == "unlock: ready"
 
     logins = api_server.calls("/login")
-    started = time.monotonic()
     assert h.run()["state"] == "ready"
-    assert time.monotonic() - started < 5
     assert api_server.calls("/login") == logins  # ready at once: no login, no key fragment
     assert api_server.calls("/binary-split/key-fragment") == 1
 
@@ -740,7 +738,7 @@ def test_images_work_with_debians_docker_sdk(sealed: Sealed, dockerd: Dockerd, t
     python = "/usr/bin/python3"
     probe = subprocess.run([python, "-c", "import docker"], capture_output=True, check=False)
     if probe.returncode:
-        pytest.skip("Debian's python3-docker is not installed (apt-get install python3-docker)")
+        pytest.fail("Debian's python3-docker is not installed: run scripts/setup.sh (apt-get install python3-docker)")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     args = [dockerd.url, sealed.name, str(sealed.tar), f"unix://{tmp_path}/dead.sock"]
     proc = subprocess.run(
