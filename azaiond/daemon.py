@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import inspect
 import logging
 import os
 import signal
@@ -71,6 +70,7 @@ async def serve(
         await server.start()
         notifier.ready()
         notifier.start(loop, daemon.status_line)
+        daemon.start()
         log.info("azaiond %s serving (%d methods)", __version__, len(daemon.table))
         await stop.wait()
         log.info("stopping")
@@ -82,14 +82,6 @@ async def serve(
         dispatcher.close()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-
-
-def _build(config: Config, notifier: Notifier) -> wiring.Daemon:
-    # Services that report progress (the unlock job) take a status callback when the wiring
-    # offers one; pass systemd's STATUS= so `systemctl status` shows what they are doing.
-    if "status_line" in inspect.signature(wiring.build).parameters:
-        return wiring.build(config, status_line=notifier.status)  # type: ignore[call-arg,unused-ignore]
-    return wiring.build(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return EXIT_FAILURE
     try:
-        daemon = _build(config, notifier)
+        # The unlock job reports progress as systemd STATUS= lines (`systemctl status azaiond`).
+        daemon = wiring.build(config, status_line=notifier.status)
     except ConfigError as exc:
         listener.close()
         log.error("%s", exc.message)

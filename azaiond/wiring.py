@@ -6,6 +6,8 @@ services, so the graph of who uses what is readable here top to bottom.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,6 +18,7 @@ from azaiond.account import Account
 from azaiond.apiclient import ResourceApi
 from azaiond.cdn import Cdn, CdnSettings
 from azaiond.config import Config
+from azaiond.errors import AzaionError
 from azaiond.fsutil import private_dir, sweep_temp_files
 from azaiond.handlers import Handlers
 from azaiond.images import DockerImages
@@ -24,6 +27,8 @@ from azaiond.resources import SplitResources
 from azaiond.rpc.table import MethodTable
 from azaiond.tokencache import TokenCache
 from azaiond.unlock import UnlockJob
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +43,23 @@ class Daemon:
 
     def status_line(self) -> str:
         return self.status_text[-1]
+
+    def start(self) -> None:
+        """Background work once calls are served: log in with the 'login' credential, if any.
+
+        So that status tells at once whether the installed credential works, and the first
+        load does not pay for the login. A failure is logged (never with a secret) and the
+        next call that needs the API tries again.
+        """
+        if self.account.api.authenticated or credentials.login_credentials() is None:
+            return
+        threading.Thread(target=self._warm_login, name="login", daemon=True).start()
+
+    def _warm_login(self) -> None:
+        try:
+            self.account.login()
+        except AzaionError as exc:
+            log.warning("login with the 'login' credential failed: %s", exc.message)
 
     def close(self) -> None:
         """Stop background work and release clients; called once on shutdown."""

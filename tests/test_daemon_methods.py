@@ -303,3 +303,48 @@ def test_logs_hold_no_secret(start: Callable[..., DaemonHandle], clean_stack: De
         assert secret not in log
     for key in (clean_stack.read_keys.secret_key, clean_stack.write_keys.secret_key):
         assert key not in log
+
+
+def _wait_status(d: DaemonHandle, authenticated: bool) -> dict[str, Any]:
+    """Poll status until ``authenticated`` has the wanted value (or 20 s pass)."""
+    import time
+
+    deadline = time.monotonic() + 20
+    status = ok(d.call("status"))
+    while status["authenticated"] is not authenticated and time.monotonic() < deadline:
+        time.sleep(0.05)
+        status = ok(d.call("status"))
+    return status
+
+
+def test_login_credential_is_used_at_start(
+    clean_stack: DevStack, azaiond_factory: Factory, tmp_path: Path
+) -> None:
+    clean_stack.ensure_bucket(FOLDER)
+    creds = clean_stack.write_credentials(tmp_path / "creds")
+    d = azaiond_factory(config_writer=clean_stack.write_config, env={"CREDENTIALS_DIRECTORY": str(creds)})
+    status = _wait_status(d, True)
+    assert status["user"] == {"email": clean_stack.admin.email, "role": "Admin"}
+    data = base64.b64encode(b"via the credential").decode()
+    ok(d.call("upload", {"name": "cred.bin", "folder": FOLDER, "data": data}))
+    assert base64.b64decode(ok(d.call("load", {"name": "cred.bin", "folder": FOLDER}))["data"]) == b"via the credential"
+
+
+def test_refused_login_credential_leaves_status_false(
+    clean_stack: DevStack, azaiond_factory: Factory, tmp_path: Path
+) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir(mode=0o700)
+    (creds / "login").write_text(f"email: {clean_stack.admin.email}\npassword: Zz-not-the-password\n")
+    d = azaiond_factory(config_writer=clean_stack.write_config, env={"CREDENTIALS_DIRECTORY": str(creds)})
+    logins = clean_stack.refserver.calls("/login")
+    # The start-up login is tried once and refused; status says so, and the log names no secret.
+    import time
+
+    deadline = time.monotonic() + 20
+    while "login with the 'login' credential failed" not in d.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "login with the 'login' credential failed" in d.log_text()
+    assert ok(d.call("status"))["authenticated"] is False
+    assert clean_stack.refserver.calls("/login") >= logins
+    assert "Zz-not-the-password" not in d.log_text()
