@@ -16,8 +16,6 @@ import socket
 import struct
 from collections.abc import Iterable
 
-from azaiond.rpc.table import Peer
-
 log = logging.getLogger(__name__)
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -54,9 +52,3 @@ def is_admin(uid: int, admin_groups: Iterable[str]) -> bool:
         log.warning("cannot list the groups of uid %d; treating it as not admin", uid)
         return False
     return not wanted.isdisjoint(groups)
-
-
-def peer_of(sock: socket.socket, admin_groups: Iterable[str]) -> Peer:
-    """The immutable Peer for a freshly accepted connection."""
-    pid, uid, gid = credentials(sock)
-    return Peer(uid=uid, gid=gid, pid=pid, is_admin=is_admin(uid, admin_groups))

@@ -20,13 +20,14 @@ import array
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import socket
 from collections.abc import Sequence
 
 from azaiond.rpc.dispatch import TOO_LARGE_LINE, Dispatcher
-from azaiond.rpc.peer import peer_of
+from azaiond.rpc.peer import credentials, is_admin
 from azaiond.rpc.table import Peer
 
 log = logging.getLogger(__name__)
@@ -130,15 +131,30 @@ class Server:
                     continue
                 raise
             try:
-                peer = peer_of(sock, self._admin_groups)
+                pid, uid, gid = credentials(sock)
             except OSError:
                 sock.close()
                 continue
-            conn = _Connection(sock, peer)
-            self._connections.add(conn)
-            conn.task = loop.create_task(self._serve(conn))
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("connection from pid %d uid %d admin %s", peer.pid, peer.uid, peer.is_admin)
+            if uid == 0:
+                self._open(sock, Peer(uid=uid, gid=gid, pid=pid, is_admin=True))
+            else:
+                # Group membership comes from the user database, which may be a network service
+                # (sssd, LDAP): look it up on a worker thread so no other connection waits.
+                lookup = loop.run_in_executor(None, is_admin, uid, self._admin_groups)
+                lookup.add_done_callback(functools.partial(self._resolved, sock, uid, gid, pid))
+
+    def _resolved(self, sock: socket.socket, uid: int, gid: int, pid: int, lookup: asyncio.Future[bool]) -> None:
+        if self._closing or lookup.cancelled() or lookup.exception() is not None:
+            sock.close()
+            return
+        self._open(sock, Peer(uid=uid, gid=gid, pid=pid, is_admin=lookup.result()))
+
+    def _open(self, sock: socket.socket, peer: Peer) -> None:
+        conn = _Connection(sock, peer)
+        self._connections.add(conn)
+        conn.task = asyncio.get_running_loop().create_task(self._serve(conn))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connection from pid %d uid %d admin %s", peer.pid, peer.uid, peer.is_admin)
 
     def _on_readable(self, conn: _Connection) -> None:
         waiter = conn.waiter

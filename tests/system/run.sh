@@ -379,7 +379,7 @@ s3.create_bucket(Bucket="models")
 EOF
 }
 check "CDN bucket 'models' created" make_bucket
-check "root uploads a 20 MB resource (split: Resource API + CDN, multipart over 16 MiB)" ctx_sh '
+check "root uploads a 20 MB resource (split: Resource API + CDN, multipart upload)" ctx_sh '
     head -c 20000000 /dev/urandom > /root/res.bin
     azaionctl upload /root/res.bin systest.bin --folder models'
 check "member loads it back through a descriptor, identical bytes" ctx_sh '
