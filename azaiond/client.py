@@ -16,6 +16,8 @@ import errno
 import json
 import os
 import socket
+import subprocess
+import time
 from types import TracebackType
 from typing import Any, cast
 
@@ -119,6 +121,26 @@ def error_from_reply(error: Any) -> RpcError:
         kind = STANDARD_KINDS.get(code, "internal")
     return REMOTE_ERRORS.get(kind, RpcError)(code, message, kind, data)
 
+
+def wait_until_listening(path: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until a daemon just started as ``proc`` accepts connections on ``path``.
+
+    Raises DaemonUnavailable if ``proc`` exits first or nothing listens within ``timeout`` s.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise DaemonUnavailable(
+                path, "other", f"azaiond exited with status {proc.returncode} before listening", "see its log"
+            )
+        try:
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(path)
+            return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise _unavailable(path, exc) from exc
+            time.sleep(0.05)
 
 def _unavailable(path: str, exc: OSError) -> DaemonUnavailable:
     if isinstance(exc, FileNotFoundError) or exc.errno in (errno.ENOENT, errno.ENOTDIR):

@@ -20,11 +20,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import docker
 
+from azaiond.client import DaemonUnavailable, wait_until_listening
 from azaiond.demo_unlock import DEMO_IMAGE, prepare_sealed_image
 from azaiond.devdocker import start_dockerd
 from azaiond.devstack import DevStack
@@ -68,17 +68,10 @@ class Demo:
         self.daemon = subprocess.Popen(
             [sys.executable, "-m", "azaiond.daemon", "--config", str(config)], stderr=log, stdout=log
         )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.daemon.poll() is not None:
-                raise SystemExit(f"demo: azaiond exited early; see {self.work / 'azaiond.log'}")
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(str(self.socket))
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise SystemExit("demo: azaiond did not come up within 20 s")
+        try:
+            wait_until_listening(str(self.socket), proc=self.daemon)
+        except DaemonUnavailable as exc:
+            raise SystemExit(f"demo: {exc.message}; see {self.work / 'azaiond.log'}") from exc
 
     def run(self) -> None:
         self.start_daemon()

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -126,18 +125,12 @@ class _Daemon:
     """One azaiond process for the whole run, logged in, as it would be in service."""
 
     def __init__(self, config: Path, socket_path: Path, env: dict[str, str]) -> None:
-        from azaiond.client import Client
+        from azaiond.client import Client, wait_until_listening
 
         self._log = open(config.parent / "daemon.log", "wb")  # noqa: SIM115
         cmd = [sys.executable, "-m", "azaiond.daemon", "--config", str(config)]
         self.proc = subprocess.Popen(cmd, stderr=self._log, env=env)
-        for _ in range(400):
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(str(socket_path))
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_until_listening(str(socket_path), proc=self.proc)
         creds = json.loads(env["BENCH_LOGIN"])
         self.client = Client(str(socket_path))
         self.client.call("login", {"email": creds["email"], "password": creds["password"]})

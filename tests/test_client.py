@@ -16,10 +16,13 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -426,3 +429,20 @@ def test_permission_error_mapping() -> None:
     exc = _unavailable("/run/azaiond/azaiond.sock", PermissionError(errno.EACCES, "Permission denied"))
     assert exc.reason == "permission"
     assert "sudo usermod -aG azaion $USER" in exc.hint
+
+
+def test_wait_until_listening(tmp_path: Path) -> None:
+    from azaiond.client import wait_until_listening
+
+    path = str(tmp_path / "w.sock")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        wait_until_listening(path, timeout=5)  # returns: something accepts
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead.wait()
+    with pytest.raises(DaemonUnavailable, match="exited with status 3"):
+        wait_until_listening(str(tmp_path / "never.sock"), timeout=5, proc=dead)
+    with pytest.raises(DaemonUnavailable) as err:
+        wait_until_listening(str(tmp_path / "never.sock"), timeout=0.2)
+    assert err.value.reason == "missing"
