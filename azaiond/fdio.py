@@ -58,12 +58,11 @@ class FdSink:
 
 
 class FdSource(io.RawIOBase):
-    """A readable raw stream over a borrowed descriptor (not closed here); counts bytes read."""
+    """A readable raw stream over a borrowed descriptor (not closed here)."""
 
     def __init__(self, fd: int) -> None:
         super().__init__()
         self.fd = fd
-        self.count = 0
 
     def readable(self) -> bool:
         return True
@@ -77,7 +76,6 @@ class FdSource(io.RawIOBase):
                 continue
             except OSError as exc:
                 raise InvalidParams(f"reading the passed descriptor failed: {exc.strerror}") from exc
-            self.count += n
             return n
 
     def close(self) -> None:
