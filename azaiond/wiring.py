@@ -31,6 +31,19 @@ from azaiond.unlock import UnlockJob
 log = logging.getLogger(__name__)
 
 
+class StatusLine:
+    """What the daemon is doing, in one line: kept for status_line() and passed on to systemd."""
+
+    def __init__(self, forward: Callable[[str], None] | None) -> None:
+        self.text = "serving"
+        self._forward = forward
+
+    def __call__(self, text: str) -> None:
+        self.text = text
+        if self._forward is not None:
+            self._forward(text)
+
+
 @dataclass
 class Daemon:
     config: Config
@@ -39,10 +52,10 @@ class Daemon:
     resources: SplitResources
     unlock: UnlockJob
     session: requests.Session
-    status_text: list[str] = field(default_factory=lambda: ["serving"])
+    status: StatusLine = field(default_factory=lambda: StatusLine(None))
 
     def status_line(self) -> str:
-        return self.status_text[-1]
+        return self.status.text
 
     def start(self) -> None:
         """Background work once calls are served: log in with the 'login' credential, if any.
@@ -101,14 +114,7 @@ def build(config: Config, status_line: Callable[[str], None] | None = None) -> D
         lambda: credentials.resource_key(config.resources.key),
         small_part_kb=config.resources.small_part_kb,
     )
-    status_text = ["serving"]
-
-    def report(text: str) -> None:
-        status_text.append(text)
-        del status_text[:-1]
-        if status_line is not None:
-            status_line(text)
-
+    report = StatusLine(status_line)
     images = DockerImages(config.docker.base_url, config.docker.timeout)
     unlock = UnlockJob(config, account, images, status_line=report)
     handlers = Handlers(config, account, resources, unlock)
@@ -119,5 +125,5 @@ def build(config: Config, status_line: Callable[[str], None] | None = None) -> D
         resources=resources,
         unlock=unlock,
         session=session,
-        status_text=status_text,
+        status=report,
     )
