@@ -15,7 +15,11 @@ The hierarchy::
     ├── TooLarge                     too_large          -32008
     ├── InvalidName                  invalid_name       -32009
     ├── InvalidParams                invalid_params     -32602
-    └── DockerError                  docker             -32011   the Docker engine failed or is unreachable
+    ├── DockerError                  docker             -32011   the Docker engine failed or is unreachable
+    ├── Cancelled                    cancelled          -32012   the daemon stopped, or the caller went away
+    ├── Rollback                     rollback           -32013   a v2 resource older than one already seen
+    ├── StorageError                 storage            -32014   the host's own disk failed (full, read-only, I/O)
+    └── Stale                        stale              -32015   the CDN holds another version than the API
 
 Services raise these; foreign exceptions (requests, botocore, docker, OSError) are translated
 where they enter, with ``raise XError(...) from exc``. The RPC layer maps ``kind`` to the code
@@ -136,6 +140,34 @@ class DockerError(AzaionError):
     code = -32011
 
 
+class Cancelled(AzaionError):
+    """The daemon is stopping (SIGTERM), or the caller went away before the work finished."""
+
+    kind = "cancelled"
+    code = -32012
+
+
+class Rollback(AzaionError):
+    """A v2 resource whose generation is older than one this host has already loaded or uploaded."""
+
+    kind = "rollback"
+    code = -32013
+
+
+class StorageError(AzaionError):
+    """The host's own disk failed: full, read-only or an I/O error. The message names the path."""
+
+    kind = "storage"
+    code = -32014
+
+
+class Stale(AzaionError):
+    """The CDN holds another version of a big part than the Resource API's small part."""
+
+    kind = "stale"
+    code = -32015
+
+
 #: Every kind, for the CLI's exit statuses and the docs. Order fixes the CLI exit codes.
 ALL_ERRORS: tuple[type[AzaionError], ...] = (
     NotAuthenticated,
@@ -151,6 +183,10 @@ ALL_ERRORS: tuple[type[AzaionError], ...] = (
     InvalidParams,
     DockerError,
     ConfigError,
+    Cancelled,
+    Rollback,
+    StorageError,
+    Stale,
 )
 
 ERROR_BY_KIND: dict[str, type[AzaionError]] = {cls.kind: cls for cls in ALL_ERRORS}

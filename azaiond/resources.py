@@ -28,18 +28,11 @@ from typing import Protocol
 from azaiond import crypto
 from azaiond.apiclient import ResourceApi
 from azaiond.cdn import Cdn
-from azaiond.errors import AzaionError, IntegrityError, NotAuthenticated
+from azaiond.errors import Cancelled, IntegrityError, NotAuthenticated
 from azaiond.fsutil import atomic_file, private_dir
 from azaiond.names import check_bucket, check_name
 
 log = logging.getLogger(__name__)
-
-
-class Cancelled(AzaionError):
-    """The daemon is shutting down; the transfer was stopped cleanly."""
-
-    kind = "cancelled"
-    code = -32012
 
 
 class Input(Protocol):

@@ -35,6 +35,10 @@ HINTS: dict[str, str] = {
     "docker": "check the Docker engine: systemctl status docker",
     "config": "check /etc/azaiond/config.yaml and: journalctl -u azaiond",
     "method_not_found": "this azaionctl may not match the daemon's version",
+    "cancelled": "the daemon stopped or the call was given up; run it again",
+    "rollback": "the resource is older than one this host has loaded; ask the publisher",
+    "storage": "the host's disk failed; free space or fix the state dir, then: journalctl -u azaiond",
+    "stale": "the CDN and the Resource API hold different versions; try again once the publish is done",
 }
 
 

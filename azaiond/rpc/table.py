@@ -45,8 +45,30 @@ class Call:
     # A descriptor passed with the request (SCM_RIGHTS), or None. The transport owns it and
     # closes it after the handler returns; a handler must not close it.
     fd: int | None = None
-    # Set when the daemon is shutting down; long handlers check it between chunks.
+    # Set when the daemon is shutting down or the caller went away; long handlers check it
+    # between chunks and stop with ``errors.Cancelled``.
     cancel: threading.Event = field(default_factory=threading.Event)
+    # Long calls report ``(done, total)`` through this (total None when unknown yet); the
+    # transport decides whether and how the caller sees it. Safe to call from a worker thread.
+    progress: Callable[[int, int | None], None] = field(default=lambda done, total: None)
+    # What a handler learned that the per-call log line and the metrics want, filled as it goes:
+    # "resource" ("folder/name" or "bucket/key"), "bytes" (int), "cache" ("hit" or "miss").
+    # Never a secret.
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One finished call, as the dispatcher hands it to observers (per-call log, metrics)."""
+
+    method: str
+    peer: Peer
+    kind: str | None  # None when the call succeeded
+    seconds: float
+    facts: Mapping[str, Any]
+
+
+CallObserver = Callable[[CallRecord], None]
 
 
 Handler = Callable[[Call], Mapping[str, Any]]
