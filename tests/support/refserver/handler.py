@@ -22,9 +22,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from azaiond.errors import InvalidName
 from azaiond.names import check_name
-from azaiond.refserver.state import E_BAD_REQUEST, E_INJECTED, E_NOT_FOUND, ApiError, ApiState, User
+from tests.support.refserver.state import E_BAD_REQUEST, E_INJECTED, E_NOT_FOUND, ApiError, ApiState, User
 
-log = logging.getLogger("azaiond.refserver")
+log = logging.getLogger("tests.support.refserver")
 
 MAX_BODY = 64 * 1024 * 1024  # small parts are KBs; this only stops a runaway client
 CONTROL = "/_control/"
