@@ -34,7 +34,6 @@ def _b64(data: bytes | bytearray) -> str:
 
 class Handlers:
     def __init__(self, config: Config, account: Account, resources: SplitResources, unlock: UnlockJob) -> None:
-        self._config = config
         self._account = account
         self._resources = resources
         self._unlock = unlock

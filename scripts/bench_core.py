@@ -38,10 +38,10 @@ def _services(config_path: str) -> Any:
     from azaiond import wiring
     from azaiond.apiclient import Credentials
 
-    daemon = wiring.build(cfg.load(Path(config_path)))
+    services = wiring.build_services(cfg.load(Path(config_path)))
     creds = json.loads(os.environ["BENCH_LOGIN"])
-    daemon.account.login(Credentials(creds["email"], creds["password"]))
-    return daemon
+    services.account.login(Credentials(creds["email"], creds["password"]))
+    return services
 
 
 def child(args: list[str]) -> None:

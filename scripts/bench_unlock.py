@@ -55,25 +55,23 @@ def _rss_kib() -> int:
 
 def child(args: dict[str, Any]) -> None:
     """Run one unlock with the daemon's classes and print timings and RSS as JSON."""
-    import requests
 
-    from azaiond.account import Account
-    from azaiond.apiclient import Credentials, ResourceApi
+    from azaiond import wiring
+    from azaiond.apiclient import Credentials
     from azaiond.config import ApiConfig, Config, DockerConfig, UnlockConfig
-    from azaiond.images import DockerImages
-    from azaiond.unlock import RUNNING, UnlockJob
+    from azaiond.unlock import RUNNING
 
     config = Config(
         api=ApiConfig(url=args["api"]),
         state_dir=Path(args["state"]),
+        hardware="bench",
         unlock=UnlockConfig(archive=Path(args["archive"]), images=(args["image"],)),
-        docker=DockerConfig(base_url=args["docker"]),
+        docker=DockerConfig(base_url=args["docker"], timeout=3600),
     )
     creds = Credentials(EMAIL, args["password"])
-    api = ResourceApi(requests.Session(), args["api"], "bench", fallback_credentials=lambda: creds)
-    images = DockerImages(args["docker"], 3600)
-    images.missing([args["image"]])  # connect first, so idle RSS includes the docker client
-    job = UnlockJob(config, Account(api, None), images)  # type: ignore[arg-type]
+    services = wiring.build_services(config, wiring.Overrides(login_credentials=lambda: creds))
+    job = services.unlock
+    services.images.missing([args["image"]])  # connect first, so idle RSS includes the docker client
     idle = _rss_kib()
     started = time.perf_counter()
     job.start(None)

@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
+from azaiond import wiring
+from azaiond.config import SocketConfig
 from azaiond.rpc import peer as peer_mod
-from azaiond.rpc.dispatch import Dispatcher
-from azaiond.rpc.server import Server
 from azaiond.rpc.table import Access, Call, MethodSpec, Param
 from tests.fixtures_daemon import DaemonHandle, call_socket
 
@@ -96,12 +96,11 @@ def server_path() -> Iterator[Path]:
     lsock.bind(str(path))
     lsock.listen(16)
     path.chmod(0o666)
-    dispatcher = Dispatcher(TABLE, workers=2)
-    server = Server(lsock, dispatcher, max_message_bytes=1 << 20, admin_groups=("azaion-admin",))
-    asyncio.run_coroutine_threadsafe(server.start(), loop).result(5)
+    rpc = wiring.build_rpc(TABLE, lsock, SocketConfig(max_message_mb=1, admin_groups=("azaion-admin",)), workers=2)
+    asyncio.run_coroutine_threadsafe(rpc.server.start(), loop).result(5)
     yield path
-    asyncio.run_coroutine_threadsafe(server.shutdown(5), loop).result(10)
-    dispatcher.close()
+    asyncio.run_coroutine_threadsafe(rpc.server.shutdown(5), loop).result(10)
+    rpc.close()
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
     loop.close()

@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
+from azaiond import wiring
 from azaiond.errors import NotFound
-from azaiond.rpc.dispatch import Dispatcher, validate_params
+from azaiond.rpc.dispatch import validate_params
 from azaiond.rpc.table import Access, Call, MethodSpec, Param, Peer
 from tests.fixtures_daemon import DaemonHandle, recv_line, recv_lines, request_line, start_daemon
 
@@ -267,7 +268,7 @@ def run(msg: Any, peer: Peer = ROOT, fds: tuple[int, ...] = ()) -> Any:
     line = msg if isinstance(msg, bytes) else json.dumps(msg).encode()
 
     async def go() -> bytes | None:
-        d = Dispatcher(TABLE, workers=4)
+        d = wiring.build_dispatcher(TABLE, workers=4)
         try:
             return await d.handle(line, peer, fds)
         finally:

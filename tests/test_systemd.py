@@ -233,8 +233,8 @@ def test_shutdown_cancels_and_waits_for_calls_in_flight(short_tmp: Path) -> None
     from collections.abc import Mapping
     from typing import Any
 
-    from azaiond.rpc.dispatch import Dispatcher
-    from azaiond.rpc.server import Server
+    from azaiond import wiring
+    from azaiond.config import SocketConfig
     from azaiond.rpc.table import Access, Call, MethodSpec
     from tests.fixtures_daemon import call_socket
 
@@ -251,8 +251,9 @@ def test_shutdown_cancels_and_waits_for_calls_in_flight(short_tmp: Path) -> None
         lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         lsock.bind(str(path))
         lsock.listen(8)
-        dispatcher = Dispatcher({"slow": MethodSpec("slow", slow, Access.OPEN)}, workers=2)
-        server = Server(lsock, dispatcher, max_message_bytes=1 << 20)
+        table = {"slow": MethodSpec("slow", slow, Access.OPEN)}
+        rpc = wiring.build_rpc(table, lsock, SocketConfig(max_message_mb=1), workers=2)
+        server = rpc.server
         await server.start()
         idle = socket.socket(socket.AF_UNIX)  # an idle connection must not hold shutdown up
         await asyncio.get_running_loop().sock_connect(idle, str(path))
@@ -263,7 +264,7 @@ def test_shutdown_cancels_and_waits_for_calls_in_flight(short_tmp: Path) -> None
         done = await server.shutdown(timeout=10)
         await asyncio.get_running_loop().run_in_executor(None, client.join, 10)
         idle.close()
-        dispatcher.close()
+        rpc.close()
         return done
 
     assert asyncio.run(main()) is True

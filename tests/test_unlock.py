@@ -21,13 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import requests
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from azaiond import crypto
-from azaiond.account import Account
-from azaiond.apiclient import Credentials, ResourceApi
-from azaiond.cdn import Cdn, CdnSettings
+from azaiond import crypto, wiring
+from azaiond.apiclient import Credentials
 from azaiond.config import ApiConfig, Config, DockerConfig, UnlockConfig
 from azaiond.errors import IntegrityError
 from azaiond.images import DockerImages
@@ -103,15 +100,15 @@ def _no_test_images(dockerd: Dockerd) -> Iterator[None]:
     dockerd.remove_images(NAME, BIG_NAME)
 
 
-def _no_cdn(settings: CdnSettings) -> Cdn:
-    raise AssertionError("unlock must not touch the CDN")
-
-
 @dataclass
 class Harness:
-    job: UnlockJob
+    services: wiring.Services
     config: Config
     lines: list[str] = field(default_factory=list)
+
+    @property
+    def job(self) -> UnlockJob:
+        return self.services.unlock
 
     def wait(self, timeout: float = 120) -> dict[str, object]:
         deadline = time.monotonic() + timeout
@@ -134,6 +131,7 @@ def make_config(
     return Config(
         api=ApiConfig(url=api_url, retries=3, timeout=10, backoff=0.01),
         state_dir=state_dir,
+        hardware="CPU: test. GPU: none. Memory: 1 kB. DriveSerial: x.",
         unlock=UnlockConfig(archive=archive, version=VERSION, images=images),
         docker=DockerConfig(base_url=docker_url, timeout=600),
     )
@@ -153,24 +151,18 @@ def harness(
         fallback: Credentials | None = CREDS,
     ) -> Harness:
         config = make_config(tmp_path / "state", api_server.url, docker_url or dockerd.url, archive, images)
-        api = ResourceApi(
-            requests.Session(),
-            config.api.url,
-            "CPU: test. GPU: none. Memory: 1 kB. DriveSerial: x.",
-            fallback_credentials=lambda: fallback,
-            retries=config.api.retries,
-            timeout=config.api.timeout,
-            backoff=config.api.backoff,
-        )
         lines: list[str] = []
-        images_api = DockerImages(config.docker.base_url, config.docker.timeout)
-        h = Harness(UnlockJob(config, Account(api, _no_cdn), images_api, lines.append), config, lines)
+        # This Resource API serves no cdn.yaml: an unlock that reached for the CDN would fail.
+        services = wiring.build_services(
+            config, wiring.Overrides(login_credentials=lambda: fallback), status_line=lines.append
+        )
+        h = Harness(services, config, lines)
         made.append(h)
         return h
 
     yield make
     for h in made:
-        h.job.close()
+        h.services.close()
 
 
 def _error_kind(status: dict[str, object]) -> object:
@@ -550,7 +542,8 @@ def test_kill_9_mid_unlock_then_unlock_again(
     assert dockerd.cli("image", "inspect", "--format", "{{.Id}}", BIG_NAME).strip() == sealed_big.image_id
     assert dockerd.all_images() - before == {sealed_big.image_id}
     assert dockerd.cli("images", "-q", "--filter", "dangling=true") == ""
-    assert sorted(p.name for p in state.iterdir()) == ["unlock.json"]
+    # No temp file left behind: only the outcome, the login token and the (empty) cache dir.
+    assert sorted(p.name for p in state.iterdir()) == ["cache", "token.json", "unlock.json"]
     assert not list((dockerd.root / "data" / "tmp").glob("docker-import-*"))
 
 
