@@ -1,4 +1,4 @@
-"""Client of the vendor's Resource API (SPEC section 5) on a ``requests.Session`` passed in.
+"""Client of the vendor's Resource API (docs/formats.md, Resource API) on a ``requests.Session`` passed in.
 
 - JWTs are decoded without verifying the signature (the server is trusted over TLS), but
   ``exp`` is honoured: a token is refreshed shortly before it expires.

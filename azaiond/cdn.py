@@ -1,7 +1,7 @@
 """The S3-compatible CDN: a read client and a write client, each with its own key pair.
 
 The read keys serve downloads and the write keys serve uploads, never the other way round
-(SPEC section 6). Transfers stream: uploads go through boto3's multipart transfer from a file
+(docs/formats.md, split resources). Transfers stream: uploads go through boto3's multipart transfer from a file
 object, downloads land in a temp file that is fsynced and renamed into place, so a crash never
 leaves a half entry that a later load would trust. botocore's exceptions are translated here.
 """
@@ -69,7 +69,7 @@ def botocore_config(retries: int) -> botocore.config.Config:
         "connect_timeout": 10,
         "read_timeout": 60,
     }
-    # boto3 >= 1.36 sends checksums that many S3-compatible stores refuse (NOTES.md); older
+    # boto3 >= 1.36 sends checksums that many S3-compatible stores refuse; older
     # botocore (Debian's 1.29) has neither the behaviour nor the option.
     if "request_checksum_calculation" in botocore.config.Config.OPTION_DEFAULTS:
         options["request_checksum_calculation"] = "when_required"

@@ -1,4 +1,4 @@
-"""The JSON-RPC client for azaiond's Unix socket (SPEC section 7).
+"""The JSON-RPC client for azaiond's Unix socket (docs/protocol.md).
 
 One request is one line of JSON; a request may carry one file descriptor (SCM_RIGHTS), sent
 with the first bytes of that request. The client keeps its connection for many calls (polling

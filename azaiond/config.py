@@ -1,4 +1,4 @@
-"""The daemon's configuration (SPEC section 3), read once into frozen, typed objects.
+"""The daemon's configuration (docs/formats.md, config keys), read once into frozen, typed objects.
 
 Every error names the file, the key and what is wrong with its value. Unknown keys are errors
 too, so a misspelt key never silently falls back to a default.

@@ -1,8 +1,8 @@
-"""The v1 wire crypto of SPEC section 4: AES-256-CBC with a random IV in front, PKCS7 padding.
+"""The v1 wire crypto of docs/formats.md: AES-256-CBC with a random IV in front, PKCS7 padding.
 
 Streams never hold a whole payload: ciphertext goes through ``update_into`` with buffers that
 are allocated once per stream and reused, which is several times faster than ``update()`` on
-big chunks (NOTES.md). Every decryption failure raises the same ``IntegrityError`` with the
+big chunks (measured: see docs/performance.md). Every decryption failure raises the same ``IntegrityError`` with the
 same message, so a caller cannot tell bad padding from a wrong length or a wrong key.
 
 v1 has no MAC: tampering is caught only where it breaks the padding. ``check_tail`` uses that

@@ -1,9 +1,9 @@
-"""The methods of SPEC section 7 as plain functions of a ``Call``, over the services.
+"""The methods of docs/protocol.md as plain functions of a ``Call``, over the services.
 
 Handlers know nothing of sockets or JSON-RPC: they read ``call.params`` (already checked for
 presence and type by the dispatcher), use ``call.fd`` when the client passed a descriptor, and
 raise ``azaiond.errors`` exceptions. Within a handler the order is names, then authentication,
-then the work (SPEC section 7).
+then the work (docs/protocol.md, order of checks).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The method table of SPEC section 7: name, handler, access level and params, as data."""
+"""The method table of docs/protocol.md: name, handler, access level and params, as data."""
 
 from __future__ import annotations
 

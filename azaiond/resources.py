@@ -1,4 +1,4 @@
-"""Split resources (SPEC section 6): a small part on the Resource API, a big part on the CDN.
+"""Split resources (docs/formats.md): a small part on the Resource API, a big part on the CDN.
 
 Upload: ``ct = encrypt(data, resource_key)``; the first ``n = min(small_part_kb KiB, 30 % of ct)``
 bytes go to the API as ``<name>.small``, the rest to the CDN as ``<folder>/<name>.big`` and to

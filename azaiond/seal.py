@@ -1,4 +1,4 @@
-"""The publisher's side of unlock: seal a ``docker save`` tar into ``images.enc`` (SPEC section 4).
+"""The publisher's side of unlock: seal a ``docker save`` tar into ``images.enc`` (docs/formats.md).
 
 ``images.enc = IV || AES-256-CBC(SHA-256(key_fragment), IV, PKCS7(tar))``, where the key
 fragment is the raw body the Resource API serves at ``/binary-split/key-fragment``. The tar is
@@ -121,7 +121,7 @@ def read_fragment(path: Path) -> bytes:
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Seal docker images into images.enc for azaiond's unlock (SPEC section 4).",
+        description="Seal docker images into images.enc for azaiond's unlock.",
     )
     p.add_argument("--fragment-file", type=Path, required=True, help="raw key fragment, as the API serves it")
     p.add_argument("--new-fragment", action="store_true", help="first write a new random fragment (0600)")

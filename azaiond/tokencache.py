@@ -1,4 +1,4 @@
-"""The JWT cache in the state dir (SPEC section 2): reused across restarts until it expires.
+"""The JWT cache in the state dir (docs/formats.md, files): reused across restarts until it expires.
 
 The file is 0600 in a 0700 directory and replaced atomically, so a crash leaves either the
 old token or the new one. It never holds the password.

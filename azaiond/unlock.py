@@ -1,4 +1,4 @@
-"""Boot-time unlock (SPEC section 8): decrypt ``images.enc`` straight into the Docker engine.
+"""Boot-time unlock (docs/unlock.md): decrypt ``images.enc`` straight into the Docker engine.
 
 One run, on its own thread: check the images (all there: ``ready``), log in, fetch the key
 fragment, then stream the archive through ``StreamDecryptor`` into ``images.load`` and check the

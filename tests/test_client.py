@@ -1,6 +1,6 @@
 """The RPC client against a peer on a real Unix socket.
 
-``FakeDaemon`` is a small JSON-RPC server speaking SPEC section 7's wire format (one JSON line per
+``FakeDaemon`` is a small JSON-RPC server speaking the wire format of docs/protocol.md (one JSON line per
 message, SCM_RIGHTS descriptors): enough to test the client and the CLI on the real wire
 without the daemon's services. tests/test_cli.py reuses it.
 """

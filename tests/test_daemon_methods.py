@@ -1,4 +1,4 @@
-"""The methods of SPEC section 7 through a real daemon process, a real Resource API and real S3."""
+"""The methods of docs/protocol.md through a real daemon process, a real Resource API and real S3."""
 
 from __future__ import annotations
 
@@ -166,7 +166,7 @@ def test_cdn_transfer_both_ways(daemon: DaemonHandle, tmp_path: Path) -> None:
 
 def test_errors_by_kind(start: Callable[..., DaemonHandle], clean_stack: DevStack) -> None:
     d = start(login=False, api={"retries": 1})
-    # Names are checked before authentication (SPEC section 7: names -> authentication -> work).
+    # Names are checked before authentication (names -> authentication -> work).
     err(d.call("load", {"name": "../etc/passwd", "folder": FOLDER}), -32009, "invalid_name")
     err(d.call("load", {"name": "a.bin", "folder": "a/b"}), -32009, "invalid_name")
     err(d.call("load", {"name": "a.bin", "folder": FOLDER}), -32001, "not_authenticated")

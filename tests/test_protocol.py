@@ -1,4 +1,4 @@
-"""The socket protocol (SPEC section 7): framing, JSON-RPC errors, batches, descriptors.
+"""The socket protocol (docs/protocol.md): framing, JSON-RPC errors, batches, descriptors.
 
 Process-level tests talk raw JSON to one daemon; dispatch rules that need methods the daemon
 may not have (params, types, handler errors, descriptors) run in-process on a table of ours.

@@ -20,7 +20,7 @@ KEY = crypto.aes_key("unit-test-secret")
 
 
 def test_jsonrpcserver_imports() -> None:
-    # NOTES.md: jsonrpcserver 5.0.9 is reported broken on some Pythons; fail loudly here.
+    # jsonrpcserver 5.0.9 is reported broken on some Pythons; fail loudly here.
     from jsonrpcserver import JsonRpcError
     from jsonrpcserver.async_main import dispatch_to_response
 

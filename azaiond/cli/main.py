@@ -1,4 +1,4 @@
-"""azaionctl: the command line for azaiond (one subcommand per method of SPEC section 7).
+"""azaionctl: the command line for azaiond (one subcommand per method of docs/protocol.md).
 
 Bytes never travel through this process: for ``load`` and ``cdn-download`` the CLI opens the
 output file itself (with the caller's rights) and passes the descriptor; for ``upload`` and

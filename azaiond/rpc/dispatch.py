@@ -1,6 +1,6 @@
 """From one received line to its reply: parse, request shape, then jsonrpcserver for the rest.
 
-Check order (SPEC section 7): parse -> request shape -> method exists -> access -> params ->
+Check order (docs/protocol.md): parse -> request shape -> method exists -> access -> params ->
 the handler. Parsing and shape checks are ours: jsonrpcserver's jsonschema validator costs
 about 50 us a call and refuses a whole batch for one bad element, while JSON-RPC wants one
 -32600 per bad element. jsonrpcserver then finds the method (-32601) and calls our wrapper,

@@ -1,4 +1,4 @@
-"""The reference Resource API's state and rules (SPEC section 5), with no HTTP in it.
+"""The reference Resource API's state and rules (docs/formats.md), with no HTTP in it.
 
 ``ApiState`` holds users, tokens, hardware bindings, stored files and the test switches behind
 one lock, so the HTTP handler threads and a test driving the switches never see half an update.
