@@ -34,35 +34,13 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become 
 
 NOBODY = pwd.getpwnam("nobody")
 
-# Runs as root until it drops to nobody; json and socket are imported first, so nothing
-# needs reading from root-only paths afterwards.
-CHILD = r"""
-import json, os, socket, sys
-os.setgroups([])
-os.setgid(int(sys.argv[2]))
-os.setuid(int(sys.argv[3]))
-out = []
-for line in sys.stdin:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(sys.argv[1])
-    s.sendall(line.encode())
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        buf += chunk
-    s.close()
-    out.append(json.loads(buf))
-print(json.dumps(out))
-"""
+AS_NOBODY = Path(__file__).parent / "programs" / "as_nobody.py"
 
 
 def as_nobody(path: Path, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
     lines = "".join(json.dumps(r) + "\n" for r in requests)
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), str(NOBODY.pw_gid), str(NOBODY.pw_uid)],
+        [sys.executable, str(AS_NOBODY), str(path), str(NOBODY.pw_gid), str(NOBODY.pw_uid)],
         input=lines, capture_output=True, text=True, timeout=30, check=True,
     )
     result: list[dict[str, Any]] = json.loads(done.stdout)

@@ -76,21 +76,11 @@ def test_notifier_is_a_no_op_without_notify_socket() -> None:
     n.stopping()
 
 
-# What systemd does for a socket-activated service: the socket at fd 3, LISTEN_PID naming the
-# process that execs the daemon (exec keeps the pid), LISTEN_FDS=1.
-ACTIVATE = """
-import os, sys
-fd = int(sys.argv[1])
-os.dup2(fd, 3)
-os.close(fd)
-os.environ["LISTEN_PID"] = str(os.getpid())
-os.environ["LISTEN_FDS"] = "1"
-os.execv(sys.executable, [sys.executable, "-m", "azaiond.daemon", "--config", sys.argv[2]])
-"""
+ACTIVATE = Path(__file__).parent / "programs" / "activate.py"  # what systemd does for a socket unit
 
 
 def activated(fd: int, config: Path) -> list[str]:
-    return [sys.executable, "-c", ACTIVATE, str(fd), str(config)]
+    return [sys.executable, str(ACTIVATE), str(fd), str(config)]
 
 
 def test_socket_activation(azaiond_factory: Factory, short_tmp: Path) -> None:
