@@ -24,7 +24,7 @@ from azaiond.cli.progress import Progress, render
 from azaiond.errors import ALL_ERRORS, AzaionError
 from tests.fixtures_daemon import DaemonHandle
 from tests.support.devstack import DevStack
-from tests.test_client import GOOD_PASSWORD, FakeDaemon, blob, fake_daemon
+from tests.support.fakedaemon import GOOD_PASSWORD, FakeDaemon, blob, fake_daemon
 
 CLI = [sys.executable, "-m", "azaiond.cli.main"]
 PR_CAPBSET_DROP = 24

@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +23,13 @@ from azaiond import wiring
 from azaiond.errors import NotFound
 from azaiond.rpc.dispatch import validate_params
 from azaiond.rpc.table import Access, Call, MethodSpec, Param, Peer
-from tests.fixtures_daemon import DaemonHandle, recv_line, recv_lines, request_line, start_daemon
+from tests.fixtures_daemon import DaemonHandle, recv_line, recv_lines, request_line
 
 CAP = 1024 * 1024  # socket.max_message_mb: 1
 HEALTHY = {"status": "healthy"}
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonHandle]:
-    sockdir = Path("/tmp") / f"azp{os.getpid()}"
-    sockdir.mkdir(exist_ok=True)
-    overrides = {"socket": {"max_message_mb": 1}}
-    handle = start_daemon(tmp_path_factory.mktemp("proto"), sockdir, overrides=overrides)
-    yield handle
-    handle.stop()
-    sockdir.rmdir()
+DAEMON_CONFIG = {"socket": {"max_message_mb": 1}}  # read by the daemon fixture
 
 
 def ask(d: DaemonHandle, data: bytes) -> dict[str, Any] | list[Any]:
