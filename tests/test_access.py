@@ -30,7 +30,12 @@ from azaiond.rpc import peer as peer_mod
 from azaiond.rpc.table import Access, Call, MethodSpec, Param
 from tests.fixtures_daemon import DaemonHandle, call_socket
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
+
+@pytest.fixture(autouse=True)
+def _root() -> None:
+    """These tests become nobody, which takes root: fail (never skip) without it, as the suite does."""
+    if os.geteuid() != 0:
+        pytest.fail("run the suite as root (it becomes nobody here)", pytrace=False)
 
 NOBODY = pwd.getpwnam("nobody")
 
