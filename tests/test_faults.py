@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from azaiond.devstack import DevStack
 from tests.faultproxy import Fault, FaultProxy, Match
 from tests.fixtures_daemon import DaemonHandle, recv_line, request_line, start_daemon
+from tests.support.devstack import DevStack
 
 FOLDER = "fault-models"
 Factory = Callable[..., DaemonHandle]

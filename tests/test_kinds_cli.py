@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from azaiond.cli import exitcodes
-from azaiond.devstack import DevStack
 from azaiond.errors import ALL_ERRORS, ERROR_BY_KIND, AzaionError
 from tests.faultproxy import Fault, Match
 from tests.fixtures_daemon import DaemonHandle
+from tests.support.devstack import DevStack
 from tests.test_faults import FAST, FOLDER, _proxy, _tmpfs, ok
 
 CLI = [sys.executable, "-m", "azaiond.cli.main"]
