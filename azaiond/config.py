@@ -26,6 +26,9 @@ class ApiConfig:
     retries: int = 3
     timeout: float = 30.0  # seconds per HTTP request (connect and each read)
     backoff: float = 0.5  # seconds; attempt k waits backoff * 2**k * jitter
+    deadline: float = 60.0  # seconds for one call: every attempt, backoff and the body
+    login_backoff: float = 10.0  # seconds without implicit logins after the first refusal
+    login_backoff_max: float = 900.0  # the interval doubles per refusal up to this
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class CdnConfig:
     endpoint: str | None = None
     retries: int = 3
     multipart_chunk_mb: int = 8  # boto3's own default part size
+    timeout: float = 60.0  # seconds per socket operation (connect, each read)
+    deadline: float = 300.0  # seconds for one HTTP request to the CDN (a part, a range, a small object)
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,11 @@ def parse(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
         retries=r.take("retries", d.api.retries, _int(0, 10), "an integer 0-10"),
         timeout=r.take("timeout", d.api.timeout, _float(0.1, 3600), "seconds, 0.1-3600"),
         backoff=r.take("backoff", d.api.backoff, _float(0, 60), "seconds, 0-60"),
+        deadline=r.take("deadline", d.api.deadline, _float(0.1, 86400), "seconds, 0.1-86400"),
+        login_backoff=r.take("login_backoff", d.api.login_backoff, _float(0, 86400), "seconds, 0-86400"),
+        login_backoff_max=r.take(
+            "login_backoff_max", d.api.login_backoff_max, _float(0, 86400), "seconds, 0-86400"
+        ),
     )
     r.done()
 
@@ -231,6 +241,8 @@ def parse(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
         multipart_chunk_mb=r.take(
             "multipart_chunk_mb", d.cdn.multipart_chunk_mb, _int(5, 1024), "MiB, 5-1024"
         ),
+        timeout=r.take("timeout", d.cdn.timeout, _float(0.1, 3600), "seconds, 0.1-3600"),
+        deadline=r.take("deadline", d.cdn.deadline, _float(0.1, 86400), "seconds, 0.1-86400"),
     )
     r.done()
 

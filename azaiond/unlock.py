@@ -39,7 +39,7 @@ from azaiond import crypto
 from azaiond.account import Account
 from azaiond.apiclient import Credentials
 from azaiond.config import Config
-from azaiond.errors import AzaionError, Busy, DockerError, IntegrityError, NotFound
+from azaiond.errors import AzaionError, Busy, DockerError, IntegrityError, NotFound, StorageError
 from azaiond.fsutil import atomic_write
 from azaiond.images import DockerImages
 from azaiond.seal import archive_key
@@ -315,20 +315,30 @@ class UnlockJob:
         record = {**record, "time": time.time()}
         try:
             atomic_write(self._path, json.dumps(record).encode("utf-8"), mode=0o600)
-        except OSError as exc:
+        except StorageError as exc:
             # The run itself is fine; only the memory of it across a restart is lost.
-            log.warning("cannot save the unlock state to %s: %s", self._path, exc.strerror)
+            log.warning("cannot save the unlock state: %s", exc.message)
 
     def _restore(self) -> tuple[str, dict[str, str] | None]:
-        """The last run's outcome; a run that was still going counts as interrupted."""
+        """The last run's outcome; a run that was still going counts as interrupted.
+
+        The file is untrusted input: anything but a mapping with a known ``state`` string (and
+        an ``error`` that is null or a mapping) is logged once and read as no outcome at all.
+        """
         try:
             record = json.loads(self._path.read_bytes())
+            if not isinstance(record, dict):
+                raise TypeError("not a mapping")
             state = record["state"]
             error = record.get("error")
+            if not isinstance(state, str) or state not in RUNNING | {IDLE, READY, ERROR}:
+                raise ValueError("unknown state")
+            if error is not None and not isinstance(error, dict):
+                raise TypeError("error is not a mapping")
         except FileNotFoundError:
             return IDLE, None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring an unreadable unlock state in %s: %s", self._path, exc)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            log.warning("ignoring an unreadable unlock state in %s (%s)", self._path, type(exc).__name__)
             return IDLE, None
         if state == READY:
             return READY, None
@@ -338,5 +348,7 @@ class UnlockJob:
                 "message": "the previous unlock was interrupted (the daemon stopped); run unlock again",
             }
         if state in (ERROR, IDLE) and isinstance(error, dict):
-            return state, {"kind": str(error.get("kind")), "message": str(error.get("message"))}
+            kind, message = error.get("kind"), error.get("message")
+            if isinstance(kind, str) and isinstance(message, str):
+                return state, {"kind": kind, "message": message}
         return IDLE, None

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import boto3
 import requests
 
-from azaiond import credentials, hardware
+from azaiond import credentials, hardware, transport
 from azaiond.account import Account
 from azaiond.apiclient import Credentials, ResourceApi
 from azaiond.cdn import Cdn, CdnSettings
 from azaiond.config import Config, SocketConfig
-from azaiond.errors import AzaionError
+from azaiond.errors import AzaionError, StorageError
 from azaiond.fsutil import private_dir, sweep_temp_files
 from azaiond.handlers import Handlers
 from azaiond.images import DockerImages
@@ -37,6 +37,7 @@ from azaiond.rpc.server import Server
 from azaiond.rpc.table import MethodTable
 from azaiond.tokencache import TokenCache
 from azaiond.unlock import UnlockJob
+from azaiond.uploadjournal import UploadJournal
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,16 @@ class Services:
         load does not pay for the login. A failure is logged (never with a secret) and the
         next call that needs the API tries again.
         """
-        if self.account.api.authenticated or self.login_credentials() is None:
+        if self.login_credentials() is None:
+            return
+        if self.account.api.authenticated:
+            self.account.abort_orphans_later()  # a cached token: the credential still opens the CDN
             return
         threading.Thread(target=self._warm_login, name="login", daemon=True).start()
 
     def _warm_login(self) -> None:
         try:
-            self.account.login()
+            self.account.login()  # aborts orphan uploads afterwards, if any
         except AzaionError as exc:
             log.warning("login with the 'login' credential failed: %s", exc.message)
 
@@ -128,11 +132,15 @@ def build_services(
     overrides: Overrides = Overrides(),
     status_line: Callable[[str], None] | None = None,
 ) -> Services:
-    private_dir(config.state_dir)
-    private_dir(config.cache_dir)
+    try:
+        private_dir(config.state_dir)
+        private_dir(config.cache_dir)
+    except StorageError as exc:
+        # Serve anyway: health, status and loads of API-only data work, and each call that
+        # needs the disk answers storage with the path.
+        log.warning("the state dir is not usable: %s", exc.message)
     sweep_temp_files(config.state_dir)  # leftovers of a crash are never trusted
-    session = overrides.session or requests.Session()
-    session.headers["User-Agent"] = "azaiond"
+    session = overrides.session or transport.api_session("azaiond")
     login_credentials = overrides.login_credentials or credentials.login_credentials
     machine = hardware.describe() if config.hardware == "auto" else config.hardware
     api = ResourceApi(
@@ -145,7 +153,11 @@ def build_services(
         timeout=config.api.timeout,
         backoff=config.api.backoff,
         clock=overrides.clock or time.time,
+        deadline=config.api.deadline,
+        login_backoff=config.api.login_backoff,
+        login_backoff_max=config.api.login_backoff_max,
     )
+    journal = UploadJournal(config.state_dir / "uploads")
 
     def make_cdn(settings: CdnSettings) -> Cdn:
         return Cdn(
@@ -154,9 +166,12 @@ def build_services(
             retries=config.cdn.retries,
             multipart_chunk_mb=config.cdn.multipart_chunk_mb,
             session=overrides.boto_session,
+            timeout=config.cdn.timeout,
+            deadline=config.cdn.deadline,
+            on_writer=journal.attach,
         )
 
-    account = Account(api, make_cdn)
+    account = Account(api, make_cdn, journal)
     resources = SplitResources(
         api,
         account.cdn,
