@@ -20,6 +20,7 @@ from azaiond.cdn import Cdn, CdnSettings
 from azaiond.config import Config
 from azaiond.errors import AzaionError
 from azaiond.fsutil import private_dir, sweep_temp_files
+from azaiond.generations import Generations
 from azaiond.handlers import Handlers
 from azaiond.images import DockerImages
 from azaiond.methods import method_table
@@ -113,6 +114,9 @@ def build(config: Config, status_line: Callable[[str], None] | None = None) -> D
         config.cache_dir,
         lambda: credentials.resource_key(config.resources.key),
         small_part_kb=config.resources.small_part_kb,
+        generations=Generations(config.generations_path),
+        upload_format=config.resources.format,
+        chunk_log2=config.resources.v2_chunk_log2,
     )
     report = StatusLine(status_line)
     images = DockerImages(config.docker.base_url, config.docker.timeout)

@@ -99,7 +99,7 @@ def test_upload_and_load_through_descriptors(daemon: DaemonHandle, tmp_path: Pat
     assert up["size"] == len(data) and up["small_size"] == 3072
     out = tmp_path / "out.bin"
     got = ok(load_fd(daemon, out, "fd.bin"))
-    assert got == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert got == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "format": 1}
     assert out.read_bytes() == data
 
 
