@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 from azaiond import archives, sealed
-from azaiond.devdocker import Dockerd
 from azaiond.errors import IntegrityError, UnwantedImages
 from azaiond.seal import ChunkReader, archive_key, seal
 from azaiond.tarcheck import TarWatch
 from tests import test_unlock as base
 from tests.fixtures_docker import build_image, save_images
+from tests.support.devdocker import Dockerd
 from tests.test_unlock import FRAGMENT, VERSION, Harness
 
 # The reference API and the in-process job harness of test_unlock.py, as fixtures here too.
