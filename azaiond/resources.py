@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 from azaiond import crypto
 from azaiond.apiclient import ResourceApi
@@ -104,11 +104,17 @@ class SplitResources:
         return self.cache_dir / folder / f"{name}.big"
 
     # The v2 path's view of the cache (splitv2.CacheAccess).
-    def ensure_cached(self, name: str, folder: str, path: Path) -> bool:
-        return self._ensure_cached(name, folder, path, refetch=False)
+    def open_big(self, name: str, folder: str, small: bytes) -> tuple[IO[bytes], bool]:
+        path = self.cache_path(name, folder)
+        fetched = self._ensure_cached(name, folder, path, refetch=False)
+        try:
+            return open(path, "rb", buffering=0), fetched
+        except FileNotFoundError:  # a concurrent load dropped a bad entry in between: fetch it
+            self._ensure_cached(name, folder, path, refetch=False)
+            return open(path, "rb", buffering=0), True
 
-    def drop(self, path: Path) -> None:
-        self._drop(path)
+    def drop_big(self, name: str, folder: str) -> None:
+        self._drop(self.cache_path(name, folder))
 
     def _flight(self, path: Path) -> threading.Lock:
         with self._flights_guard:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol, cast
 
 from azaiond import sealed
 from azaiond.apiclient import ResourceApi
@@ -41,9 +41,12 @@ class CacheAccess(Protocol):
 
     def cache_path(self, name: str, folder: str) -> Path: ...
 
-    def ensure_cached(self, name: str, folder: str, path: Path) -> bool: ...
+    def open_big(self, name: str, folder: str, small: bytes) -> tuple[IO[bytes], bool]:
+        """The cached big part that goes with ``small``, opened (fetched first if missing);
+        True when it came from the CDN just now."""
+        ...
 
-    def drop(self, path: Path) -> None: ...
+    def drop_big(self, name: str, folder: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,6 @@ class SplitV2:
                 f"{folder}/{name}: generation {header.generation} is older than {seen}, "
                 "which this host has already seen"
             )
-        path = self._cache.cache_path(name, folder)
-        fetched = self._cache.ensure_cached(name, folder, path)
         digest = BackgroundHash()
         opener = sealed.Opener(header)
         buffer = memoryview(bytearray(header.chunk + sealed.TAG_SIZE))
@@ -109,7 +110,7 @@ class SplitV2:
             sealed.open_chunks(header, source, first, emit, opener=opener, buffer=buffer, cancel=cancel)
 
         try:
-            resume = self._from_cache(path, header, fetched, run)
+            resume = self._from_cache(name, folder, small, header, run)
             if resume is not None:
                 self._from_cdn(name, folder, header, resume, run)
         finally:
@@ -118,22 +119,23 @@ class SplitV2:
         return V2Load(size, digest.hexdigest(b""), header.generation)
 
     def _from_cache(
-        self, path: Path, header: sealed.Header, fetched: bool, run: Callable[[sealed.Source, int], None]
+        self, name: str, folder: str, small: bytes, header: sealed.Header, run: Callable[[sealed.Source, int], None]
     ) -> int | None:
         """Read what the cache entry gives; the chunk to go on from on the CDN, or None when done."""
+        big, fetched = self._cache.open_big(name, folder, small)
         try:
-            with open(path, "rb", buffering=0) as big:
+            with big:
                 if os.fstat(big.fileno()).st_size != header.stream_size:
                     raise sealed.ChunkFailed(0)
-                run(big, 0)
+                run(cast(sealed.Source, big), 0)
             return None
-        except FileNotFoundError:
-            return 0  # dropped by a concurrent load after a failure: go to the CDN
         except sealed.ChunkFailed as exc:
-            self._cache.drop(path)
+            self._cache.drop_big(name, folder)
             if fetched:  # straight from the CDN, and still bad
                 raise IntegrityError(sealed.FAILED) from exc
-            log.warning("cached big part %s fails at chunk %d; going on from the CDN", path, exc.index)
+            log.warning(
+                "cached big part of %s/%s fails at chunk %d; going on from the CDN", folder, name, exc.index
+            )
             return exc.index
 
     def _from_cdn(
