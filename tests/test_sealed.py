@@ -215,3 +215,14 @@ def test_the_cipher_context_path_of_older_cryptography_gives_the_same_bytes(monk
         open_bytes(header, bad)
     empty = sealed.make_header(sealed.MAGIC_SPLIT, root, 5, 0, chunk_log2=12, salt=salt)
     assert open_bytes(empty, seal_bytes(empty, b"")) == b""
+
+
+def test_config_format_and_chunk_size_are_validated() -> None:
+    from azaiond import config
+    from azaiond.errors import ConfigError
+
+    assert config.parse({}).resources.format == 1
+    assert config.parse({"resources": {"format": 2, "v2_chunk_log2": 12}}).resources.format == 2
+    for bad in ({"format": 3}, {"format": "2"}, {"format": True}, {"v2_chunk_log2": 11}, {"v2_chunk_log2": 25}):
+        with pytest.raises(ConfigError, match="resources"):
+            config.parse({"resources": bad})
