@@ -341,3 +341,29 @@ def test_azaionctl_upload_format_2_and_rollback_exit_status(
                           capture_output=True, timeout=60, check=False)
     assert done.returncode == exitcodes.exit_code_for_kind("rollback"), done.stderr
     assert not out.exists()
+
+
+def test_fallback_fetches_only_the_chunks_after_the_bad_one(
+    start: Callable[..., DaemonHandle], io_: Io, clean_stack: DevStack
+) -> None:
+    from urllib.parse import urlsplit
+
+    from tests.faultproxy import FaultProxy
+
+    s3 = urlsplit(clean_stack.s3_url)
+    assert s3.hostname is not None and s3.port is not None
+    with FaultProxy(s3.hostname, s3.port) as proxy:
+        d = start(cdn={"endpoint": proxy.url})
+        data = os.urandom(64 * C)
+        name = unique("ranged")
+        ok(io_.upload(d, name, data))
+        path = cache_file(d, name)
+        raw = bytearray(path.read_bytes())
+        raw[48 * STEP + 5] ^= 0x01
+        path.write_bytes(bytes(raw))
+        proxy.reset_counters()
+        reply, got = io_.load(d, name)
+        assert ok(reply)["size"] == len(data) and got == data
+        assert proxy.count("GET", f"/{FOLDER}/{name}.big") == 1
+        rest = 16 * STEP  # chunks 48..63
+        assert rest <= proxy.bytes_down < rest + 4096  # the tail of the object and one response head
