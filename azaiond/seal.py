@@ -158,7 +158,7 @@ def read_fragment(path: Path) -> bytes:
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Seal docker images into images.enc for azaiond's unlock (SPEC section 4).",
+        description="Seal docker images into images.enc for azaiond's unlock (docs/formats.md).",
     )
     p.add_argument("--fragment-file", type=Path, required=True, help="raw key fragment, as the API serves it")
     p.add_argument("--new-fragment", action="store_true", help="first write a new random fragment (0600)")
