@@ -20,12 +20,13 @@ from azaiond.errors import IntegrityError, UnwantedImages
 from azaiond.seal import ChunkReader, archive_key, seal
 from azaiond.tarcheck import TarWatch
 from tests import test_unlock as base
+from tests.fixtures_daemon import DaemonHandle
 from tests.fixtures_docker import build_image, save_images
 from tests.support.devdocker import Dockerd
 from tests.test_unlock import FRAGMENT, VERSION, Harness
 
 # The reference API and the in-process job harness of test_unlock.py, as fixtures here too.
-ref, api_server, harness = base.ref, base.api_server, base.harness
+ref, api_server, harness, unlockd = base.ref, base.api_server, base.harness, base.unlockd
 
 pytestmark = pytest.mark.docker
 
@@ -176,6 +177,38 @@ def test_archive_with_an_extra_tag_is_refused_and_the_hosts_image_keeps_its_id(
         assert VICTIM in error["message"] and WANTED_NAME not in error["message"]
         assert image_id(dockerd, VICTIM) == victim_id
         assert image_id(dockerd, WANTED_NAME) is None
+    finally:
+        dockerd.remove_images(VICTIM)
+
+
+def test_daemon_refuses_an_extra_tag_then_unlocks_the_v2_archive(
+    unlockd: Callable[..., DaemonHandle], saved: tuple[str, Path], dockerd: Dockerd, tmp_path: Path
+) -> None:
+    """Through a real daemon process: the host's image under the extra tag keeps its ID."""
+    want_id, tar = saved
+    victim_id = build_image(dockerd, VICTIM, tmp_path, 2000)
+    try:
+        bad_tar = _retag_tar(tar, tmp_path / "extra.tar", [WANTED_NAME, VICTIM], manifest_first=False)
+        enc = tmp_path / "images.enc"
+        with open(bad_tar, "rb") as src:
+            seal(src, FRAGMENT, enc, 2, size=bad_tar.stat().st_size)
+        before = dockerd.all_images()
+        d = unlockd(enc, images=(WANTED,))
+        assert "result" in d.call("unlock")
+        status = base._wait_daemon(d)
+        error = status["error"]
+        assert status["state"] == "error" and isinstance(error, dict), status
+        assert error["kind"] == "integrity" and VICTIM in error["message"]
+        assert image_id(dockerd, VICTIM) == victim_id
+        assert dockerd.all_images() == before
+        d.stop()
+
+        seal_v2(tar, enc, chunk_log2=20)
+        d = unlockd(enc, images=(WANTED,))
+        d.call("unlock")
+        assert base._wait_daemon(d)["state"] == "ready"
+        assert image_id(dockerd, WANTED_NAME) == want_id
+        assert image_id(dockerd, VICTIM) == victim_id
     finally:
         dockerd.remove_images(VICTIM)
 
