@@ -226,3 +226,32 @@ def test_config_format_and_chunk_size_are_validated() -> None:
     for bad in ({"format": 3}, {"format": "2"}, {"format": True}, {"v2_chunk_log2": 11}, {"v2_chunk_log2": 25}):
         with pytest.raises(ConfigError, match="resources"):
             config.parse({"resources": bad})
+
+
+def test_generation_record_is_untrusted_input(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import json
+
+    from azaiond.errors import StorageError
+    from azaiond.generations import Generations
+
+    path = tmp_path / "generations.json"
+    path.write_text(json.dumps({"f/a": 5, "f/b": "7", "f/c": -1, "f/d": True, "f/e": 1 << 64}))
+    store = Generations(path)
+    assert store.highest("f", "a") == 5
+    assert [store.highest("f", n) for n in "bcde"] == [None] * 4
+    assert caplog.text.count("ignoring 4 bad entries") == 1
+    store.record("f", "a", 4)  # lower: nothing changes
+    assert json.loads(path.read_text())["f/b"] == "7"
+    store.record("f", "a", 6)
+    assert json.loads(path.read_text()) == {"f/a": 6}
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert Generations(path).highest("f", "a") == 6  # as a restarted daemon reads it
+
+    for garbage in (b"\xff\xfe", b"[1, 2]", b"{"):
+        path.write_bytes(garbage)
+        assert Generations(path).highest("f", "a") is None
+    blocked = Generations(tmp_path / "missing-dir" / "sub" / "g.json")
+    (tmp_path / "missing-dir").write_text("a file where a directory should be")
+    assert blocked.highest("f", "a") is None
+    with pytest.raises(StorageError, match=r"g\.json"):
+        blocked.record("f", "a", 1)
