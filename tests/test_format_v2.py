@@ -367,3 +367,15 @@ def test_fallback_fetches_only_the_chunks_after_the_bad_one(
         assert proxy.count("GET", f"/{FOLDER}/{name}.big") == 1
         rest = 16 * STEP  # chunks 48..63
         assert rest <= proxy.bytes_down < rest + 4096  # the tail of the object and one response head
+
+
+def test_inline_upload_and_load_in_v2(daemon: DaemonHandle) -> None:
+    import base64
+
+    data = os.urandom(3 * C + 17)
+    name = unique("inline")
+    up = ok(daemon.call("upload", {"name": name, "folder": FOLDER, "data": base64.b64encode(data).decode()}))
+    assert up["format"] == 2 and up["size"] == len(data)
+    got = ok(daemon.call("load", {"name": name, "folder": FOLDER}))
+    assert base64.b64decode(got["data"]) == data
+    assert got["format"] == 2 and isinstance(got["generation"], int) and got["generation"] > 0
