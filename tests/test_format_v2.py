@@ -301,16 +301,21 @@ def test_a_publisher_whose_clock_is_behind_still_moves_forward(
     assert io_.load(daemon, name)[1] == b"y" * 100
 
 
-def test_garbage_generation_record_is_ignored(start: Callable[..., DaemonHandle], io_: Io, tmp_path: Path) -> None:
+def test_garbage_generation_record_is_ignored(
+    start: Callable[..., DaemonHandle], io_: Io, clean_stack: DevStack, azaiond_factory: Factory
+) -> None:
     d = start()
     name = unique("garbage")
     ok(io_.upload(d, name, b"z" * 10))
-    (d.state_dir / "generations.json").write_bytes(b"\x00not json{")
     d.stop()
-    again = start()  # a fresh daemon reading a garbage file of its own
-    (again.state_dir / "generations.json").write_bytes(b"[1, 2")
-    reply, got = io_.load(again, name)
-    assert ok(reply)["format"] == 2 and got == b"z" * 10
+    (d.state_dir / "generations.json").write_bytes(b"\x00not json{")
+    again = azaiond_factory(config_writer=clean_stack.write_config, name=d.state_dir.name.removesuffix("-state"),
+                            overrides={"resources": {"format": 2, "v2_chunk_log2": 12}})
+    ok(again.call("login", {"email": clean_stack.admin.email, "password": clean_stack.admin.password}))
+    for _ in range(2):
+        reply, got = io_.load(again, name)
+        assert ok(reply)["format"] == 2 and got == b"z" * 10
+    assert again.log_text().count("ignoring an unreadable generation record") == 1
     assert json.loads((again.state_dir / "generations.json").read_bytes())[f"{FOLDER}/{name}"] > 0
 
 
