@@ -162,21 +162,24 @@ class _Gcm:
         enc.finalize()
         out[n : n + TAG_SIZE] = enc.tag
 
-    def open_into(self, nonce: bytes, sealed: memoryview, aad: bytes, out: memoryview) -> None:
-        """``out`` (len(sealed) - 16 bytes) gets the plaintext; raises ``IntegrityError``.
+    def open_into(self, nonce: bytes, sealed: memoryview, aad: bytes, room: memoryview) -> memoryview:
+        """The plaintext, in ``room`` (at least len(sealed) bytes); raises ``IntegrityError``.
 
-        On failure ``out`` may hold unauthenticated bytes: the caller must not use them.
+        On failure ``room`` may hold unauthenticated bytes: the caller must not use them.
         """
+        n = len(sealed) - TAG_SIZE
         try:
             if _HAS_INTO:
-                self._aead.decrypt_into(nonce, sealed, aad, out)
-                return
-            body, tag = sealed[:-TAG_SIZE], bytes(sealed[-TAG_SIZE:])
+                self._aead.decrypt_into(nonce, sealed, aad, room[:n])
+                return room[:n]
+            # update_into of older releases wants 15 bytes of room beyond the input.
+            tag = bytes(sealed[n:])
             dec = Cipher(self._aes, modes.GCM(nonce, tag)).decryptor()
             dec.authenticate_additional_data(aad)
-            if len(body):
-                dec.update_into(body, out)
+            if n:
+                dec.update_into(sealed[:n], room)
             dec.finalize()
+            return room[:n]
         except (InvalidTag, ValueError) as exc:
             raise IntegrityError(FAILED) from exc
 
@@ -209,7 +212,7 @@ class Opener:
     def __init__(self, header: Header, buffers: int = 2) -> None:
         self.header = header
         self._gcm = _Gcm(header.dek)
-        self._bufs = [memoryview(bytearray(header.chunk)) for _ in range(buffers)]
+        self._bufs = [memoryview(bytearray(header.chunk + TAG_SIZE)) for _ in range(buffers)]
         self._turn = 0
 
     def open(self, index: int, sealed: memoryview) -> memoryview:
@@ -218,9 +221,7 @@ class Opener:
         if not 0 <= index < h.chunks or len(sealed) != h.plain_len(index) + TAG_SIZE:
             raise IntegrityError(FAILED)
         self._turn = (self._turn + 1) % len(self._bufs)
-        out = self._bufs[self._turn][: len(sealed) - TAG_SIZE]
-        self._gcm.open_into(h.nonce(index), sealed, h.raw, out)
-        return out
+        return self._gcm.open_into(h.nonce(index), sealed, h.raw, self._bufs[self._turn])
 
 
 class Source(Protocol):
@@ -323,6 +324,7 @@ class Spool:
     def __init__(self, directory: str) -> None:
         self._dec: CipherContext | None = None
         self._raw = memoryview(bytearray(0))
+        self._plain = memoryview(bytearray(16))
         self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115 (closed by close())
         self._key = os.urandom(32)
         self._nonce = os.urandom(16)
@@ -331,7 +333,7 @@ class Spool:
     def fill(self, source: Source, chunk: int = 1 << 20, cancel: threading.Event | None = None) -> int:
         enc = Cipher(algorithms.AES(self._key), modes.CTR(self._nonce)).encryptor()
         buf = memoryview(bytearray(chunk))
-        out = memoryview(bytearray(chunk))
+        out = memoryview(bytearray(chunk + 16))  # update_into of older releases wants the room
         while True:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("the daemon is shutting down; the upload was stopped")
@@ -351,10 +353,12 @@ class Spool:
             self._dec = Cipher(algorithms.AES(self._key), modes.CTR(self._nonce)).decryptor()
         if len(self._raw) < len(buffer):
             self._raw = memoryview(bytearray(len(buffer)))
+            self._plain = memoryview(bytearray(len(buffer) + 16))
         n = self._file.readinto(self._raw[: len(buffer)])
         if not n:
             return 0
-        self._dec.update_into(self._raw[:n], buffer)
+        self._dec.update_into(self._raw[:n], self._plain)
+        buffer[:n] = self._plain[:n]
         return n
 
     def close(self) -> None:
