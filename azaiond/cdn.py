@@ -94,6 +94,26 @@ def _endpoint(host: str) -> str:
     return host if host.startswith(("http://", "https://")) else f"https://{host}"
 
 
+class RangeReader:
+    """The body of a ranged GET with ``readinto``; transfer failures become ``CdnError``."""
+
+    def __init__(self, body: Any, length: int, endpoint: str) -> None:
+        self._body = body
+        self.length = length
+        self._endpoint = endpoint
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        try:
+            data = self._body.read(len(buffer))
+        except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise CdnError(f"the transfer from the CDN at {self._endpoint} broke off") from exc
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._body.close()
+
+
 class Cdn:
     def __init__(
         self,
@@ -187,6 +207,16 @@ class Cdn:
         except _TRANSFER_ERRORS as exc:
             raise self._translate(exc, "download", bucket, key) from exc
         return sink.tell() - start if sink.seekable() else -1
+
+    def read_from(self, bucket: str, key: str, offset: int) -> RangeReader:
+        """The object's bytes from ``offset`` to its end, as a readable stream (one ranged GET)."""
+        check_bucket(bucket)
+        check_name(key, "key")
+        try:
+            resp = self._reader.get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-")
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._translate(exc, "download", bucket, key) from exc
+        return RangeReader(resp["Body"], int(resp.get("ContentLength", -1)), self.endpoint)
 
     def download_to(self, bucket: str, key: str, path: Path) -> int:
         """Download to ``path`` atomically (temp file, fsync, rename); returns the size."""

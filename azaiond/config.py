@@ -48,6 +48,10 @@ class ResourcesConfig:
     key: str | None = field(default=None, repr=False)
     small_part_kb: int = 3
     inline_limit_mb: int = 16
+    format: int = 1  # what upload writes when the call does not say: 1 (the seed's) or 2
+    # Chunk size of format v2 as a power of two. Publishers write 20 (1 MiB); smaller values
+    # exist so tests can cross many chunk boundaries with small resources.
+    v2_chunk_log2: int = 20
 
     @property
     def inline_limit_bytes(self) -> int:
@@ -96,6 +100,10 @@ class Config:
     @property
     def token_path(self) -> Path:
         return self.state_dir / "token.json"
+
+    @property
+    def generations_path(self) -> Path:
+        return self.state_dir / "generations.json"
 
     @property
     def unlock_state_path(self) -> Path:
@@ -231,6 +239,8 @@ def parse(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
         inline_limit_mb=r.take(
             "inline_limit_mb", d.resources.inline_limit_mb, _int(0, 1024), "MiB, 0-1024"
         ),
+        format=r.take("format", d.resources.format, _int(1, 2), "1 or 2"),
+        v2_chunk_log2=r.take("v2_chunk_log2", d.resources.v2_chunk_log2, _int(12, 24), "an integer 12-24"),
     )
     r.done()
 

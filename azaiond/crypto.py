@@ -224,7 +224,7 @@ def encrypt_stream(src: Source, sink: Sink, key: bytes, chunk: int = CHUNK) -> i
     return total + len(last)
 
 
-class _BackgroundHash:
+class BackgroundHash:
     """SHA-256 on a worker thread, one chunk in flight at a time.
 
     SHA-256 runs several times slower than CBC decryption here, and hashlib releases the GIL,
@@ -263,7 +263,7 @@ def decrypt_chunks(
     Returns the plaintext size and its SHA-256 hex digest.
     """
     dec = StreamDecryptor(key, chunk=chunk, buffers=2)
-    digest = _BackgroundHash()
+    digest = BackgroundHash()
     buf = bytearray(chunk)
     view = memoryview(buf)
     size = 0

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
+import stat
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -21,7 +23,7 @@ from azaiond.config import Config
 from azaiond.errors import InvalidParams, TooLarge
 from azaiond.fdio import CappedBuffer, FdSink, FdSource, HashingSink, require_readable, require_writable
 from azaiond.names import check_bucket, check_name
-from azaiond.resources import SplitResources
+from azaiond.resources import FORMATS, LoadResult, SplitResources
 from azaiond.rpc.table import Call
 from azaiond.unlock import UnlockJob
 
@@ -63,10 +65,10 @@ class Handlers:
         if call.fd is not None:
             require_writable(call.fd, "load")
             result = self._resources.load(name, folder, FdSink(call.fd), call.cancel)
-            return {"size": result.size, "sha256": result.sha256}
+            return _load_result(result)
         buffer = CappedBuffer(self._inline_limit)
         result = self._resources.load(name, folder, buffer, call.cancel)
-        return {"size": result.size, "sha256": result.sha256, "data": _b64(buffer.buffer)}
+        return {**_load_result(result), "data": _b64(buffer.buffer)}
 
     # -- admin ---------------------------------------------------------------------------
 
@@ -103,9 +105,18 @@ class Handlers:
         name = check_name(call.params["name"])
         folder = check_name(call.params["folder"], "folder")
         check_bucket(folder)
+        fmt = call.params.get("format")
+        if fmt is not None and (isinstance(fmt, bool) or fmt not in FORMATS):
+            raise InvalidParams("upload: format must be 1 or 2")
         with self._input(call, "upload") as source:
-            result = self._resources.upload(name, folder, source, call.cancel)
-        return {"size": result.size, "small_size": result.small_size, "big_size": result.big_size}
+            size = _known_size(call.fd, source)
+            result = self._resources.upload(name, folder, source, call.cancel, format=fmt, size=size)
+        return {
+            "size": result.size,
+            "small_size": result.small_size,
+            "big_size": result.big_size,
+            "format": result.format,
+        }
 
     def cdn_upload(self, call: Call) -> Result:
         bucket = check_bucket(call.params["bucket"])
@@ -134,6 +145,28 @@ class Handlers:
             raise InvalidParams("unlock: pass both email and password, or neither")
         creds = Credentials(email=email, password=password) if email is not None and password is not None else None
         return self._unlock.start(creds)
+
+
+def _load_result(result: LoadResult) -> dict[str, Any]:
+    out: dict[str, Any] = {"size": result.size, "sha256": result.sha256, "format": result.format}
+    if result.generation is not None:
+        out["generation"] = result.generation
+    return out
+
+
+def _known_size(fd: int | None, source: io.BufferedReader | io.BytesIO) -> int | None:
+    """Bytes left in the input when that can be known up front (a file, inline data), else None.
+
+    A descriptor shares its offset with the caller's, so a file counts from where it stands.
+    """
+    if isinstance(source, io.BytesIO):
+        return len(source.getbuffer()) - source.tell()
+    if fd is None:
+        return None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        return None
+    return max(0, info.st_size - os.lseek(fd, 0, os.SEEK_CUR))
 
 
 class _CountingReader(io.RawIOBase):

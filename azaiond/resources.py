@@ -11,7 +11,8 @@ truncated or tail-tampered cached part is dropped and fetched again from the CDN
 that miss the same big part share one download (single flight).
 
 v1 has no MAC: tampering that keeps the padding valid yields wrong bytes, undetected. See
-docs/security.md.
+docs/security.md. Format v2 (azaiond/splitv2.py) is authenticated; a load tells the two apart by
+the small part, an upload writes the one the call or ``resources.format`` asks for.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 from azaiond import crypto
 from azaiond.apiclient import ResourceApi
 from azaiond.cdn import Cdn
-from azaiond.errors import Cancelled, IntegrityError, NotAuthenticated
+from azaiond.errors import Cancelled, IntegrityError, InvalidParams, NotAuthenticated
 from azaiond.fsutil import atomic_file, private_dir
+from azaiond.generations import Generations
 from azaiond.names import check_bucket, check_name
+from azaiond.sealed import CHUNK_LOG2
+from azaiond.splitv2 import SplitV2, is_v2_small
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +44,18 @@ class Input(Protocol):
 
     def read(self, size: int = -1, /) -> bytes: ...
 
-    def readinto(self, buffer: bytearray, /) -> int | None: ...
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+FORMATS = (1, 2)
 
 
 @dataclass(frozen=True)
 class LoadResult:
     size: int
     sha256: str
+    format: int = 1
+    generation: int | None = None  # v2 only
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,7 @@ class UploadResult:
     size: int
     small_size: int
     big_size: int
+    format: int = 1
 
 
 def small_size(ciphertext_len: int, small_part_kb: int) -> int:
@@ -68,6 +78,10 @@ class SplitResources:
         cache_dir: Path,
         resource_key: Callable[[], str | None],
         small_part_kb: int = 3,
+        *,
+        generations: Generations | None = None,
+        upload_format: int = 1,
+        chunk_log2: int = CHUNK_LOG2,
     ) -> None:
         self._api = api
         self._cdn = cdn
@@ -76,6 +90,9 @@ class SplitResources:
         self._small_part_kb = small_part_kb
         self._flights: dict[Path, threading.Lock] = {}
         self._flights_guard = threading.Lock()
+        self._format = upload_format
+        generations = generations or Generations(cache_dir.parent / "generations.json")
+        self.v2 = SplitV2(api, cdn, self, generations, chunk_log2)
 
     def _key(self) -> bytes:
         secret = self._resource_key()
@@ -85,6 +102,19 @@ class SplitResources:
 
     def cache_path(self, name: str, folder: str) -> Path:
         return self.cache_dir / folder / f"{name}.big"
+
+    # The v2 path's view of the cache (splitv2.CacheAccess).
+    def open_big(self, name: str, folder: str, small: bytes) -> tuple[IO[bytes], bool]:
+        path = self.cache_path(name, folder)
+        fetched = self._ensure_cached(name, folder, path, refetch=False)
+        try:
+            return open(path, "rb", buffering=0), fetched
+        except FileNotFoundError:  # a concurrent load dropped a bad entry in between: fetch it
+            self._ensure_cached(name, folder, path, refetch=False)
+            return open(path, "rb", buffering=0), True
+
+    def drop_big(self, name: str, folder: str) -> None:
+        self._drop(self.cache_path(name, folder))
 
     def _flight(self, path: Path) -> threading.Lock:
         with self._flights_guard:
@@ -98,6 +128,9 @@ class SplitResources:
         check_bucket(folder)
         key = self._key()
         small = self._api.get_resource(folder, f"{name}.small")
+        if is_v2_small(small):
+            v2 = self.v2.load(name, folder, small, key, sink=sink, cancel=cancel)
+            return LoadResult(v2.size, v2.sha256, 2, v2.generation)
         path = self.cache_path(name, folder)
         fetched = self._ensure_cached(name, folder, path, refetch=False)
         try:
@@ -171,11 +204,27 @@ class SplitResources:
 
     # -- upload --------------------------------------------------------------------------
 
-    def upload(self, name: str, folder: str, source: Input, cancel: threading.Event | None = None) -> UploadResult:
+    def upload(
+        self,
+        name: str,
+        folder: str,
+        source: Input,
+        cancel: threading.Event | None = None,
+        *,
+        format: int | None = None,
+        size: int | None = None,
+    ) -> UploadResult:
+        """Upload ``source`` in ``format`` (default ``resources.format``); ``size`` if known (v2)."""
         check_name(name)
         check_name(folder, "folder")
         check_bucket(folder)
+        fmt = self._format if format is None else format
+        if fmt not in FORMATS:
+            raise InvalidParams(f"upload: format must be 1 or 2, not {fmt}")
         key = self._key()
+        if fmt == 2:
+            v2 = self.v2.upload(name, folder, source, size=size, root=key, cancel=cancel)
+            return UploadResult(v2.size, v2.small_size, v2.big_size, 2)
         limit = self._small_part_kb * 1024
         # Once the ciphertext reaches 10/3 of the small part's size, the split point is fixed at
         # the full small size, so only this much plaintext is read ahead to decide it.
@@ -203,7 +252,7 @@ class SplitResources:
                 while True:
                     if cancel is not None and cancel.is_set():
                         raise Cancelled("the daemon is shutting down; the upload was stopped")
-                    n = source.readinto(buf)
+                    n = source.readinto(view)
                     if not n:
                         break
                     size += n

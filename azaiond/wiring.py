@@ -26,6 +26,7 @@ from azaiond.cdn import Cdn, CdnSettings
 from azaiond.config import Config, SocketConfig
 from azaiond.errors import AzaionError, StorageError
 from azaiond.fsutil import private_dir, sweep_temp_files
+from azaiond.generations import Generations
 from azaiond.handlers import Handlers
 from azaiond.images import DockerImages
 from azaiond.methods import method_table
@@ -178,6 +179,9 @@ def build_services(
         config.cache_dir,
         overrides.resource_key or (lambda: credentials.resource_key(config.resources.key)),
         small_part_kb=config.resources.small_part_kb,
+        generations=Generations(config.generations_path),
+        upload_format=config.resources.format,
+        chunk_log2=config.resources.v2_chunk_log2,
     )
     images = DockerImages(config.docker.base_url, config.docker.timeout)
     unlock = UnlockJob(config, account, images, status_line=status_line or (lambda _line: None))

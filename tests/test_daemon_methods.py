@@ -100,7 +100,7 @@ def test_upload_and_load_through_descriptors(logged_in: DaemonHandle, tmp_path: 
     assert up["size"] == len(data) and up["small_size"] == 3072
     out = tmp_path / "out.bin"
     got = ok(load_fd(logged_in, out, "fd.bin"))
-    assert got == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert got == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "format": 1}
     assert out.read_bytes() == data
 
 
