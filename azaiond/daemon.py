@@ -22,6 +22,7 @@ from azaiond.config import Config, load
 from azaiond.errors import AzaionError, ConfigError
 from azaiond.notify import Notifier
 from azaiond.rpc.dispatch import Dispatcher
+from azaiond.rpc.limits import Limits
 from azaiond.rpc.listen import Listener, ListenError, open_listener
 from azaiond.rpc.server import Server
 
@@ -30,7 +31,10 @@ log = logging.getLogger("azaiond")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
-SHUTDOWN_TIMEOUT = 30.0  # seconds in-flight calls get to finish after SIGTERM
+# Seconds in-flight calls get to finish after SIGTERM: well inside the unit's TimeoutStopSec=30s,
+# so the daemon always stops by itself, never by systemd's SIGKILL. Calls that move bytes see
+# Call.cancel within a fraction of a second; this bounds the ones that wait on a peer.
+SHUTDOWN_TIMEOUT = 20.0
 WORKERS = 32
 
 
@@ -65,6 +69,13 @@ async def serve(
         dispatcher,
         max_message_bytes=config.socket.max_message_bytes,
         admin_groups=config.socket.admin_groups,
+        limits=Limits(
+            max_connections=config.socket.max_connections,
+            max_connections_per_uid=config.socket.max_connections_per_uid,
+            max_buffered_bytes=config.socket.max_buffered_bytes,
+            idle_timeout=config.socket.idle_timeout,
+            stall_timeout=config.socket.stall_timeout,
+        ),
     )
     try:
         await server.start()

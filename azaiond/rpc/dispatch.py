@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -42,6 +43,13 @@ INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 FORBIDDEN = -32002
 TOO_LARGE = -32008
+
+# Sends a progress notification for the request with this id: (id, done, total). Called from
+# worker threads; the transport marshals it onto its loop and rate-limits it.
+Notify = Callable[[Any, int, "int | None"], None]
+# The request param that asks for progress notifications; not a method param: taken out of the
+# params before they are checked.
+PROGRESS_PARAM = "progress"
 
 _REQUEST_KEYS = frozenset(("jsonrpc", "method", "params", "id"))
 _JSON_NAMES: dict[type, str] = {
@@ -137,11 +145,22 @@ def may_call(spec: MethodSpec, peer: Peer) -> bool:
 class _Context:
     """What a wrapper needs about the message it serves; one per message, shared in a batch."""
 
-    __slots__ = ("deferred", "fd", "fd_error", "fds", "peer")
+    __slots__ = ("cancel", "deferred", "fd", "fd_error", "fds", "notify", "peer", "request_id")
 
-    def __init__(self, peer: Peer, fds: Sequence[int], batch: bool) -> None:
+    def __init__(
+        self,
+        peer: Peer,
+        fds: Sequence[int],
+        batch: bool,
+        cancel: threading.Event,
+        notify: Notify | None = None,
+    ) -> None:
         self.peer = peer
         self.fds = fds
+        self.cancel = cancel
+        # Progress notifications go to a single request with an id; never inside a batch.
+        self.notify = None if batch else notify
+        self.request_id: Any = None
         self.fd: int | None = fds[0] if len(fds) == 1 and not batch else None
         self.fd_error: str | None = None
         if len(fds) > 1:
@@ -235,13 +254,18 @@ class Dispatcher:
                 raise JsonRpcError(FORBIDDEN, "forbidden", {"kind": "forbidden"})
             if len(args) > 1:
                 raise JsonRpcError(INVALID_PARAMS, "params must be named", {"kind": "invalid_params"})
+            wants_progress = kwargs.pop(PROGRESS_PARAM, False)
+            if type(wants_progress) is not bool:
+                raise JsonRpcError(INVALID_PARAMS, "param 'progress' must be boolean", {"kind": "invalid_params"})
             try:
                 validate_params(params, kwargs)
             except InvalidParams as exc:
                 raise JsonRpcError(exc.code, exc.message, {"kind": exc.kind}) from None
             if ctx.fd_error is not None:
                 raise JsonRpcError(INVALID_PARAMS, ctx.fd_error, {"kind": "invalid_params"})
-            call = Call(peer=ctx.peer, params=kwargs, fd=ctx.fd, cancel=self.cancel)
+            call = Call(peer=ctx.peer, params=kwargs, fd=ctx.fd, cancel=ctx.cancel)
+            if wants_progress and ctx.notify is not None and ctx.request_id is not None:
+                call.progress = functools.partial(ctx.notify, ctx.request_id)
             try:
                 if blocking:
                     result = await self._run_thread(handler, call, ctx)
@@ -282,11 +306,22 @@ class Dispatcher:
                 future.add_done_callback(lambda _: _close_fds(fds))
             raise
 
-    async def handle(self, line: bytes, peer: Peer, fds: Sequence[int] = ()) -> bytes | None:
+    async def handle(
+        self,
+        line: bytes,
+        peer: Peer,
+        fds: Sequence[int] = (),
+        *,
+        cancel: threading.Event | None = None,
+        notify: Notify | None = None,
+    ) -> bytes | None:
         """The reply line for one received line (newline stripped), or None when none is due.
 
         Takes ownership of ``fds``: they are closed once every handler of the line returned.
+        ``cancel`` becomes the calls' ``Call.cancel`` (default: the dispatcher's own, set at
+        shutdown); ``notify`` sends progress notifications for a request that asked for them.
         """
+        cancel = cancel or self.cancel
         ctx: _Context | None = None
         try:
             try:
@@ -296,10 +331,10 @@ class Dispatcher:
             if type(obj) is dict:
                 if not shape_ok(obj):
                     return INVALID_REQUEST_LINE
-                ctx = _Context(peer, fds, batch=False)
+                ctx = _Context(peer, fds, False, cancel, notify)
                 return await self._single(obj, ctx)
             if type(obj) is list and obj:
-                ctx = _Context(peer, fds, batch=True)
+                ctx = _Context(peer, fds, True, cancel)
                 return await self._batch(obj, ctx)
             return INVALID_REQUEST_LINE
         finally:
@@ -311,6 +346,8 @@ class Dispatcher:
         # asyncio.gather (a Task, an extra loop turn: ~15 us of a ~35 us round trip), so a
         # single request goes straight to its per-request step, which does the same work.
         request = create_request(obj)
+        if request.id is not NOID:
+            ctx.request_id = request.id
         _, result = await dispatch_request(self._methods, ctx, request)
         if request.id is NOID:
             return None  # a notification: no reply, whatever happened
