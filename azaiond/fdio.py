@@ -8,10 +8,12 @@ A caller's descriptor must never hold a worker for ever: a reader who stops read
 nobody drains) or a writer who stops writing would otherwise block a thread in the kernel
 with no way out. So every wait is a poll with a deadline: when no byte moves for ``stall``
 seconds, or the call's cancel event is set (the caller hung up, the daemon stops), the call
-ends as ``Cancelled``. The waits never block in the kernel: a pipe or FIFO is reopened through
-``/proc/self/fd`` as a non-blocking description of our own (setting O_NONBLOCK on the
-client's would change its file for the client too), and a socket is used with MSG_DONTWAIT.
-Regular files and other devices are used as they are; they do not stall on a peer.
+ends as ``Cancelled``. The waits never block in the kernel. A socket is used with MSG_DONTWAIT.
+A pipe or FIFO is reopened through ``/proc/self/fd`` as a non-blocking description of our
+own; where that is refused (the unit's daemon has no CAP_DAC_OVERRIDE, and a member's pipe is
+0600 and the member's), O_NONBLOCK is set on the client's description for the length of the
+call and put back before the reply. Regular files and other devices are used as they are;
+they do not stall on a peer.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class _Channel:
         self.cancel = cancel
         self.stall = stall
         self.own: int | None = None  # a descriptor we opened and must close
+        self.restore: int | None = None  # the client's file status flags, to put back
         self.sock: socket.socket | None = None
         self.size: int | None = None  # a regular file's size (for progress totals)
         try:
@@ -88,16 +91,34 @@ class _Channel:
             except OSError as exc:
                 if exc.errno == errno.ENXIO:  # a FIFO with no reader left
                     raise InvalidParams("the reader of the passed descriptor went away") from exc
-                self.own = None  # no /proc: fall back to the client's description, polled first
+                self._borrow_nonblocking()
         elif stat.S_ISSOCK(st.st_mode):
             with contextlib.suppress(OSError):
                 self.sock = socket.socket(fileno=os.dup(fd))
+
+    def _borrow_nonblocking(self) -> None:
+        try:
+            status = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+            if not status & os.O_NONBLOCK:
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, status | os.O_NONBLOCK)
+                self.restore = status
+        except OSError as exc:
+            raise InvalidParams("the passed descriptor is not usable") from exc
+
+    @property
+    def blocking(self) -> bool:
+        """True when only a poll before each transfer stands between us and a blocked thread."""
+        return self.peer_kind and self.own is None and self.sock is None and self.restore is None
 
     @property
     def usable(self) -> int:
         return self.own if self.own is not None else self.fd
 
     def close(self) -> None:
+        if self.restore is not None:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, self.restore)
+            self.restore = None
         if self.own is not None:
             with contextlib.suppress(OSError):
                 os.close(self.own)
@@ -157,6 +178,10 @@ class FdSink:
     def close(self) -> None:
         self._ch.close()
 
+    def __del__(self) -> None:
+        # A safety net for a caller that forgot ``with``: the client's flags must come back.
+        self._ch.close()
+
     def _write_some(self, view: memoryview) -> int:
         ch = self._ch
         if ch.sock is not None:
@@ -167,7 +192,7 @@ class FdSink:
         view = memoryview(data).cast("B")
         total = len(view)
         ch = self._ch
-        blocking = ch.peer_kind and ch.own is None and ch.sock is None
+        blocking = ch.blocking
         since = time.monotonic()
         ch.check_cancel()
         while view:
@@ -221,7 +246,7 @@ class FdSource(io.RawIOBase):
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         ch = self._ch
-        blocking = ch.peer_kind and ch.own is None and ch.sock is None
+        blocking = ch.blocking
         since = time.monotonic()
         ch.check_cancel()
         while True:
