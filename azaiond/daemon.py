@@ -22,7 +22,7 @@ from azaiond.config import Config, load
 from azaiond.errors import AzaionError, ConfigError
 from azaiond.notify import Notifier
 from azaiond.rpc.dispatch import Dispatcher
-from azaiond.rpc.limits import Limits
+from azaiond.rpc.limits import ConnectionLimits
 from azaiond.rpc.listen import Listener, ListenError, open_listener
 from azaiond.rpc.server import Server
 
@@ -69,7 +69,7 @@ async def serve(
         dispatcher,
         max_message_bytes=config.socket.max_message_bytes,
         admin_groups=config.socket.admin_groups,
-        limits=Limits(
+        limits=ConnectionLimits(
             max_connections=config.socket.max_connections,
             max_connections_per_uid=config.socket.max_connections_per_uid,
             max_buffered_bytes=config.socket.max_buffered_bytes,

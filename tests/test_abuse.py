@@ -337,3 +337,26 @@ def test_sigterm_with_a_caller_that_never_reads_its_reply(target: Any) -> None:
     print(f"sigterm with a reader that never reads: {took:.2f} s")
     assert code == 0
     assert took < 5
+
+
+def test_out_of_descriptors_backs_off_and_logs_little(azaiond_factory: Factory) -> None:
+    # root is not counted against the connection limits, so root can drive the daemon into
+    # EMFILE: here under a 64-descriptor limit.
+    d = azaiond_factory(command=lambda path: ["prlimit", "--nofile=64:64", sys.executable, "-m",
+                                              "azaiond.daemon", "--config", str(path)])
+    held = [d.connect() for _ in range(90)]  # they wait in the backlog once accept fails
+    time.sleep(1.5)
+    log_lines = d.log_text().count("cannot accept a connection")
+    for sock in held:
+        sock.close()
+    assert wait_until(lambda: "result" in _health(d))  # accepting again once descriptors are free
+    print(f"EMFILE for 1.5 s: {log_lines} log line(s)")
+    assert 1 <= log_lines <= 2
+    assert d.proc.poll() is None
+
+
+def _health(d: DaemonHandle) -> dict[str, Any]:
+    try:
+        return d.call("health", timeout=2)
+    except OSError:
+        return {}

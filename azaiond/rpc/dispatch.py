@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
 import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
@@ -44,12 +44,12 @@ INTERNAL_ERROR = -32603
 FORBIDDEN = -32002
 TOO_LARGE = -32008
 
-# Sends a progress notification for the request with this id: (id, done, total). Called from
-# worker threads; the transport marshals it onto its loop and rate-limits it.
-Notify = Callable[[Any, int, "int | None"], None]
-# The request param that asks for progress notifications; not a method param: taken out of the
-# params before they are checked.
-PROGRESS_PARAM = "progress"
+# Progress notifications for one call: at most one per this many seconds (and the last).
+PROGRESS_INTERVAL = 0.25
+
+# Sends one complete line (newline included) to the caller ahead of the reply; called from
+# worker threads.
+Notify = Callable[[bytes], None]
 
 _REQUEST_KEYS = frozenset(("jsonrpc", "method", "params", "id"))
 _JSON_NAMES: dict[type, str] = {
@@ -210,6 +210,29 @@ _WRAPPER_SIGNATURE = inspect.Signature(
 )
 
 
+class _Progress:
+    """Call.progress for a caller who asked for it: throttled notification lines."""
+
+    __slots__ = ("_id", "_last", "_notify")
+
+    def __init__(self, notify: Notify, id_: Any) -> None:
+        self._notify = notify
+        self._id = id_
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - self._last < PROGRESS_INTERVAL and done != total:
+            return
+        self._last = now
+        params = {"id": self._id, "done": done, "total": total}
+        line = _encoder.encode({"jsonrpc": "2.0", "method": "progress", "params": params}).encode() + b"\n"
+        try:
+            self._notify(line)
+        except Exception:
+            log.exception("sending a progress notification failed")
+
+
 class Dispatcher:
     """Turns received lines into reply lines, running handlers on the loop or on worker threads."""
 
@@ -254,7 +277,7 @@ class Dispatcher:
                 raise JsonRpcError(FORBIDDEN, "forbidden", {"kind": "forbidden"})
             if len(args) > 1:
                 raise JsonRpcError(INVALID_PARAMS, "params must be named", {"kind": "invalid_params"})
-            wants_progress = kwargs.pop(PROGRESS_PARAM, False)
+            wants_progress = kwargs.pop("progress", False)
             if type(wants_progress) is not bool:
                 raise JsonRpcError(INVALID_PARAMS, "param 'progress' must be boolean", {"kind": "invalid_params"})
             try:
@@ -265,7 +288,7 @@ class Dispatcher:
                 raise JsonRpcError(INVALID_PARAMS, ctx.fd_error, {"kind": "invalid_params"})
             call = Call(peer=ctx.peer, params=kwargs, fd=ctx.fd, cancel=ctx.cancel)
             if wants_progress and ctx.notify is not None and ctx.request_id is not None:
-                call.progress = functools.partial(ctx.notify, ctx.request_id)
+                call.progress = _Progress(ctx.notify, ctx.request_id)
             try:
                 if blocking:
                     result = await self._run_thread(handler, call, ctx)
@@ -318,8 +341,10 @@ class Dispatcher:
         """The reply line for one received line (newline stripped), or None when none is due.
 
         Takes ownership of ``fds``: they are closed once every handler of the line returned.
-        ``cancel`` becomes the calls' ``Call.cancel`` (default: the dispatcher's own, set at
-        shutdown); ``notify`` sends progress notifications for a request that asked for them.
+        ``cancel`` becomes ``Call.cancel`` of the calls of this line (default: the
+        dispatcher's own event, set at shutdown). ``notify`` sends one complete line
+        (newline included) to the caller ahead of the reply; it may be called from worker
+        threads, and is used only for a single request that passed ``"progress": true``.
         """
         cancel = cancel or self.cancel
         ctx: _Context | None = None

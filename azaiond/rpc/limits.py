@@ -16,19 +16,18 @@ ROOT = 0
 
 
 @dataclass(frozen=True)
-class Limits:
+class ConnectionLimits:
     max_connections: int = 256  # open connections of all non-root peers together
     max_connections_per_uid: int = 32
     max_buffered_bytes: int = 96 * 1024 * 1024  # unfinished-message bytes, all non-root peers
     idle_timeout: float = 300.0  # seconds a connection may go without a complete message
     stall_timeout: float = 30.0  # seconds a reply may wait for the peer to read
-    progress_interval: float = 0.25  # seconds between progress notifications of one call
 
 
 class ConnectionCounts:
     """Open connections per uid and in all (root not counted); one call per accepted socket."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: ConnectionLimits) -> None:
         self._limits = limits
         self._per_uid: dict[int, int] = {}
         self.total = 0

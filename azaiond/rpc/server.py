@@ -19,9 +19,9 @@ full close raises it, not a half-close) whose descriptor the loop watches; so a 
 connection, which reads nothing ahead, still learns at once that its caller left. Its
 ``cancel`` event becomes the calls' ``Call.cancel``.
 
-Progress notifications (docs/protocol.md) are written from the loop between a request and
-its reply, at most one per ``progress_interval``, and only when the socket takes them at once:
-a caller that does not read them gets fewer, never a stalled call.
+Progress notifications (docs/protocol.md; the dispatcher builds and throttles them) are
+written from the loop between a request and its reply, and only when the socket takes them
+at once: a caller that does not read them gets fewer, never a stalled call.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import errno
 import functools
-import json
 import logging
 import os
 import select
@@ -41,7 +40,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from azaiond.rpc.dispatch import INVALID_REQUEST, TOO_LARGE_LINE, Dispatcher, error_line
-from azaiond.rpc.limits import ROOT, ConnectionCounts, Limits, RateLimitedLog
+from azaiond.rpc.limits import ROOT, ConnectionCounts, ConnectionLimits, RateLimitedLog
 from azaiond.rpc.peer import credentials, is_admin
 from azaiond.rpc.table import Peer
 
@@ -57,7 +56,6 @@ MAX_FDS = 8
 _ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * _FD_SIZE)
 BUSY_LINE = error_line(-32007, "too many connections", "busy")
 TOO_MANY_FDS_LINE = error_line(INVALID_REQUEST, "a message may carry at most one descriptor", "invalid_request")
-_progress_encoder = json.JSONEncoder(separators=(",", ":"))
 ACCEPT_BATCH = 256  # connections accepted per wake-up of the listener
 CLOSING_STALL = 1.0  # seconds a reply may still wait for its reader once the daemon stops
 
@@ -96,7 +94,7 @@ def _recvmsg(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
 
 
 class _Connection:
-    __slots__ = ("busy", "calling", "cancel", "flush_pending", "held", "idle_since", "last_progress", "latest",
+    __slots__ = ("busy", "calling", "cancel", "flush_pending", "held", "idle_since", "latest",
                  "notify", "peer", "reading", "sock", "stash", "task", "unsent", "waiter", "want")
 
     def __init__(self, sock: socket.socket, peer: Peer) -> None:
@@ -116,11 +114,10 @@ class _Connection:
         self.cancel = threading.Event()
         self.held = 0  # unfinished-message bytes counted against max_buffered_bytes
         self.idle_since = 0.0  # loop time of the last complete message (or of the connect)
-        # Progress: the latest (id, done, total) a worker reported, not yet sent.
+        # Progress: the latest notification line a worker sent, not yet written.
         self.calling = False  # a request is with the dispatcher: its progress may be sent
-        self.latest: tuple[Any, int, int | None] | None = None
+        self.latest: bytes | None = None
         self.flush_pending = False
-        self.last_progress = float("-inf")
         self.unsent = b""  # the rest of a progress line the socket did not take at once
         self.notify: Any = None
 
@@ -135,13 +132,13 @@ class Server:
         *,
         max_message_bytes: int,
         admin_groups: Sequence[str] = (),
-        limits: Limits | None = None,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self._listener = sock
         self._dispatcher = dispatcher
         self._cap = max_message_bytes
         self._admin_groups = tuple(admin_groups)
-        self._limits = limits or Limits()
+        self._limits = limits or ConnectionLimits()
         self._counts = ConnectionCounts(self._limits)
         self._buffered = 0  # unfinished-message bytes of all non-root connections
         self._connections: set[_Connection] = set()
@@ -338,41 +335,27 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 continue
 
-    def _notify(self, conn: _Connection, request_id: Any, done: int, total: int | None) -> None:
-        """Progress from a worker thread: keep the latest, and have the loop send it."""
-        conn.latest = (request_id, done, total)
+    def _notify(self, conn: _Connection, line: bytes) -> None:
+        """A progress line from a worker thread: keep the latest, and have the loop send it."""
+        conn.latest = line
         if not conn.flush_pending and self._loop is not None:
             conn.flush_pending = True
             with contextlib.suppress(RuntimeError):  # the loop is gone: the daemon is stopping
                 self._loop.call_soon_threadsafe(self._flush, conn)
 
     def _flush(self, conn: _Connection) -> None:
-        latest = conn.latest
-        if latest is None or not conn.calling:
-            conn.flush_pending = False
-            return
-        loop = asyncio.get_running_loop()
-        wait = conn.last_progress + self._limits.progress_interval - loop.time()
-        if wait > 0:
-            loop.call_later(wait, self._flush, conn)  # flush_pending stays set meanwhile
-            return
+        line, conn.latest = conn.latest, None
         conn.flush_pending = False
-        conn.latest = None
-        conn.last_progress = loop.time()
-        if conn.unsent:
-            return  # the peer is not reading: skip this one, never queue them up
-        request_id, done, total = latest
-        params = {"id": request_id, "done": done, "total": total}
-        line = _progress_encoder.encode({"jsonrpc": "2.0", "method": "progress", "params": params})
-        data = line.encode() + b"\n"
+        if line is None or not conn.calling or conn.unsent:
+            return  # the call is over, or the peer is not reading: skip it, never queue
         try:
-            n = conn.sock.send(data)
+            n = conn.sock.send(line)
         except (BlockingIOError, InterruptedError):
             n = 0
         except OSError:
             return  # gone; the reply's write will say so
-        if n < len(data):
-            conn.unsent = data[n:]  # finished before the reply, which must start on a new line
+        if n < len(line):
+            conn.unsent = line[n:]  # finished before the reply, which must start on a new line
 
     # -- serving -----------------------------------------------------------------------
 
