@@ -26,7 +26,6 @@ at once: a caller that does not read them gets fewer, never a stalled call.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import errno
@@ -35,10 +34,9 @@ import logging
 import os
 import select
 import socket
-import threading
 from collections.abc import Sequence
-from typing import Any
 
+from azaiond.rpc.connection import MAX_FDS, RECV_SIZE, Connection, close_all, recvmsg, set_ready
 from azaiond.rpc.dispatch import INVALID_REQUEST, TOO_LARGE_LINE, Dispatcher, error_line
 from azaiond.rpc.limits import ROOT, ConnectionCounts, ConnectionLimits, RateLimitedLog
 from azaiond.rpc.peer import credentials, is_admin
@@ -47,13 +45,6 @@ from azaiond.rpc.table import Peer
 log = logging.getLogger(__name__)
 limited = RateLimitedLog(log)
 
-RECV_SIZE = 256 * 1024
-_FD_SIZE = array.array("i").itemsize
-# A message may carry one descriptor. Room for a few more, so that two or three still get a
-# precise error; past that the kernel closes the rest itself (MSG_CTRUNC) and they never
-# enter our table: a peer cannot fill it 253 descriptors per message.
-MAX_FDS = 8
-_ANC_SIZE = socket.CMSG_SPACE(MAX_FDS * _FD_SIZE)
 BUSY_LINE = error_line(-32007, "too many connections", "busy")
 TOO_MANY_FDS_LINE = error_line(INVALID_REQUEST, "a message may carry at most one descriptor", "invalid_request")
 ACCEPT_BATCH = 256  # connections accepted per wake-up of the listener
@@ -62,64 +53,6 @@ CLOSING_STALL = 1.0  # seconds a reply may still wait for its reader once the da
 
 class _Stalled(Exception):
     """The peer did not read a reply for stall_timeout seconds."""
-
-
-def _set_ready(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-def _close_all(fds: Sequence[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            got = array.array("i")
-            got.frombytes(data[: len(data) - len(data) % _FD_SIZE])
-            fds.extend(got)
-    return fds
-
-
-def _recvmsg(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
-    data, ancdata, _, _ = sock.recvmsg(size, _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
-    fds = _fds_of(ancdata) if ancdata else []
-    # Past MAX_FDS (MSG_CTRUNC) the kernel closed the rest; the ones we got still make the
-    # message's "at most one descriptor" error.
-    return data, fds
-
-
-class _Connection:
-    __slots__ = ("busy", "calling", "cancel", "flush_pending", "held", "idle_since", "latest",
-                 "notify", "peer", "reading", "sock", "stash", "task", "unsent", "waiter", "want")
-
-    def __init__(self, sock: socket.socket, peer: Peer) -> None:
-        self.sock = sock
-        self.peer = peer
-        self.busy = False  # a message is being handled or its reply written
-        self.task: asyncio.Task[None] | None = None
-        # Reading: the socket stays registered with the loop while the connection waits for
-        # requests, and the readiness callback itself calls recvmsg (as asyncio's own
-        # transports do). Re-registering for every message would cost two epoll_ctl calls
-        # and a failed recvmsg per request.
-        self.reading = False
-        self.waiter: asyncio.Future[None] | None = None
-        self.want = 0
-        self.stash: tuple[bytes, list[int]] | None = None
-        # Set when the peer hangs up or the daemon stops: the calls' Call.cancel.
-        self.cancel = threading.Event()
-        self.held = 0  # unfinished-message bytes counted against max_buffered_bytes
-        self.idle_since = 0.0  # loop time of the last complete message (or of the connect)
-        # Progress: the latest notification line a worker sent, not yet written.
-        self.calling = False  # a request is with the dispatcher: its progress may be sent
-        self.latest: bytes | None = None
-        self.flush_pending = False
-        self.unsent = b""  # the rest of a progress line the socket did not take at once
-        self.notify: Any = None
 
 
 class Server:
@@ -141,9 +74,9 @@ class Server:
         self._limits = limits or ConnectionLimits()
         self._counts = ConnectionCounts(self._limits)
         self._buffered = 0  # unfinished-message bytes of all non-root connections
-        self._connections: set[_Connection] = set()
+        self._connections: set[Connection] = set()
         self._hup = select.epoll()
-        self._watched: dict[int, _Connection] = {}
+        self._watched: dict[int, Connection] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._accept_pause: asyncio.TimerHandle | None = None
@@ -220,7 +153,7 @@ class Server:
 
     def _open(self, sock: socket.socket, peer: Peer) -> None:
         loop = asyncio.get_running_loop()
-        conn = _Connection(sock, peer)
+        conn = Connection(sock, peer)
         conn.idle_since = loop.time()
         conn.notify = functools.partial(self._notify, conn)
         self._connections.add(conn)
@@ -261,7 +194,7 @@ class Server:
 
     # -- reading -----------------------------------------------------------------------
 
-    def _on_readable(self, conn: _Connection) -> None:
+    def _on_readable(self, conn: Connection) -> None:
         waiter = conn.waiter
         if waiter is None or waiter.done():
             # Nobody is waiting: the connection is busy with a message. Stop watching, so
@@ -270,7 +203,7 @@ class Server:
             conn.reading = False
             return
         try:
-            conn.stash = _recvmsg(conn.sock, conn.want)
+            conn.stash = recvmsg(conn.sock, conn.want)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -278,11 +211,11 @@ class Server:
             return
         waiter.set_result(None)
 
-    async def _recv(self, conn: _Connection, size: int) -> tuple[bytes, list[int]]:
+    async def _recv(self, conn: Connection, size: int) -> tuple[bytes, list[int]]:
         loop = asyncio.get_running_loop()
         if not conn.reading:
             try:
-                return _recvmsg(conn.sock, size)
+                return recvmsg(conn.sock, size)
             except (BlockingIOError, InterruptedError):
                 pass
             loop.add_reader(conn.sock.fileno(), self._on_readable, conn)
@@ -297,7 +230,7 @@ class Server:
         assert got is not None
         return got
 
-    def _hold(self, conn: _Connection, size: int) -> bool:
+    def _hold(self, conn: Connection, size: int) -> bool:
         """Count ``size`` unfinished bytes for ``conn``; False once all peers hold too many."""
         if conn.peer.uid == ROOT:
             return True
@@ -307,7 +240,7 @@ class Server:
 
     # -- writing -----------------------------------------------------------------------
 
-    async def _write(self, conn: _Connection, data: bytes) -> None:
+    async def _write(self, conn: Connection, data: bytes) -> None:
         """Send all of ``data``; _Stalled when the peer takes nothing for stall_timeout s."""
         sock = conn.sock
         try:
@@ -321,7 +254,7 @@ class Server:
         fd = sock.fileno()
         while view:
             ready: asyncio.Future[None] = loop.create_future()
-            loop.add_writer(fd, _set_ready, ready)
+            loop.add_writer(fd, set_ready, ready)
             # Once the daemon stops, a reply gets a moment, not the whole stall deadline.
             stall = CLOSING_STALL if self._closing else self._limits.stall_timeout
             try:
@@ -335,7 +268,7 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 continue
 
-    def _notify(self, conn: _Connection, line: bytes) -> None:
+    def _notify(self, conn: Connection, line: bytes) -> None:
         """A progress line from a worker thread: keep the latest, and have the loop send it."""
         conn.latest = line
         if not conn.flush_pending and self._loop is not None:
@@ -343,7 +276,7 @@ class Server:
             with contextlib.suppress(RuntimeError):  # the loop is gone: the daemon is stopping
                 self._loop.call_soon_threadsafe(self._flush, conn)
 
-    def _flush(self, conn: _Connection) -> None:
+    def _flush(self, conn: Connection) -> None:
         line, conn.latest = conn.latest, None
         conn.flush_pending = False
         if line is None or not conn.calling or conn.unsent:
@@ -359,7 +292,7 @@ class Server:
 
     # -- serving -----------------------------------------------------------------------
 
-    async def _serve(self, conn: _Connection) -> None:
+    async def _serve(self, conn: Connection) -> None:
         loop = asyncio.get_running_loop()
         sock = conn.sock
         cap = self._cap
@@ -379,7 +312,7 @@ class Server:
                 if fds:
                     owner = self._owner(pieces, starts_fresh=not partial)
                     if owner is None:
-                        _close_all(fds)
+                        close_all(fds)
                         fds = []
                 for i in range(last):
                     mine = fds if owner == i else []
@@ -398,7 +331,7 @@ class Server:
                     else:
                         line = pieces[i]
                     if not line or line.isspace():
-                        _close_all(mine)  # a blank line is no message and claims nothing
+                        close_all(mine)  # a blank line is no message and claims nothing
                         continue
                     conn.busy = True
                     conn.calling = True
@@ -449,9 +382,9 @@ class Server:
             if conn.reading:
                 loop.remove_reader(sock.fileno())
             if conn.stash is not None:
-                _close_all(conn.stash[1])
-            _close_all(partial_fds)
-            _close_all(fds)
+                close_all(conn.stash[1])
+            close_all(partial_fds)
+            close_all(fds)
             self._hold(conn, 0)
             self._connections.discard(conn)
             fd = sock.fileno()
