@@ -37,10 +37,20 @@ class SocketConfig:
     group: str | None = "azaion"
     admin_groups: tuple[str, ...] = ("azaion-admin",)
     max_message_mb: int = 32
+    # Limits that keep one member from taking the daemon from everyone (docs/security.md).
+    max_connections: int = 256  # open connections in all, root's not counted
+    max_connections_per_uid: int = 32
+    max_buffered_mb: int = 96  # unfinished-message bytes held for all connections together
+    idle_timeout: float = 300.0  # seconds a connection may wait between complete messages
+    stall_timeout: float = 30.0  # seconds a transfer on a caller's descriptor or socket may stall
 
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * MIB
+
+    @property
+    def max_buffered_bytes(self) -> int:
+        return self.max_buffered_mb * MIB
 
 
 @dataclass(frozen=True)
@@ -226,6 +236,13 @@ def parse(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
         group=r.take("group", d.socket.group, _str, "a group name"),
         admin_groups=r.take("admin_groups", d.socket.admin_groups, _str_list, "a list of group names"),
         max_message_mb=r.take("max_message_mb", d.socket.max_message_mb, _int(1, 1024), "MiB, 1-1024"),
+        max_connections=r.take("max_connections", d.socket.max_connections, _int(1, 65536), "an integer 1-65536"),
+        max_connections_per_uid=r.take(
+            "max_connections_per_uid", d.socket.max_connections_per_uid, _int(1, 65536), "an integer 1-65536"
+        ),
+        max_buffered_mb=r.take("max_buffered_mb", d.socket.max_buffered_mb, _int(1, 65536), "MiB, 1-65536"),
+        idle_timeout=r.take("idle_timeout", d.socket.idle_timeout, _float(1, 86400), "seconds, 1-86400"),
+        stall_timeout=r.take("stall_timeout", d.socket.stall_timeout, _float(0.1, 3600), "seconds, 0.1-3600"),
     )
     r.done()
 

@@ -40,6 +40,7 @@ class Handlers:
         self._resources = resources
         self._unlock = unlock
         self._inline_limit = config.resources.inline_limit_bytes
+        self._stall = config.socket.stall_timeout
 
     # -- open ----------------------------------------------------------------------------
 
@@ -64,7 +65,8 @@ class Handlers:
         name, folder = call.params["name"], call.params["folder"]
         if call.fd is not None:
             require_writable(call.fd, "load")
-            result = self._resources.load(name, folder, FdSink(call.fd), call.cancel)
+            with FdSink(call.fd, call.cancel, self._stall, call.progress) as sink:
+                result = self._resources.load(name, folder, sink, call.cancel)
             return _load_result(result)
         buffer = CappedBuffer(self._inline_limit)
         result = self._resources.load(name, folder, buffer, call.cancel)
@@ -87,7 +89,8 @@ class Handlers:
             raise InvalidParams(f"{method}: pass either data or a descriptor, not both")
         if call.fd is not None:
             require_readable(call.fd, method)
-            return io.BufferedReader(FdSource(call.fd), buffer_size=1024 * 1024)
+            source = FdSource(call.fd, call.cancel, self._stall, call.progress)
+            return io.BufferedReader(source, buffer_size=1024 * 1024)
         if data is None:
             raise InvalidParams(f"{method}: pass the bytes as data (base64) or as a descriptor")
         # base64 is 4/3 of the bytes; refuse before decoding anything oversized.
@@ -131,8 +134,9 @@ class Handlers:
         key = check_name(call.params["key"], "key")
         if call.fd is not None:
             require_writable(call.fd, "cdn_download")
-            sink = HashingSink(FdSink(call.fd))
-            self._account.cdn().download_into(bucket, key, sink)
+            with FdSink(call.fd, call.cancel, self._stall, call.progress) as out:
+                sink = HashingSink(out)
+                self._account.cdn().download_into(bucket, key, sink)
             return {"size": sink.size, "sha256": sink.digest.hexdigest()}
         buffer = CappedBuffer(self._inline_limit)
         sink = HashingSink(buffer)

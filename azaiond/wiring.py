@@ -33,6 +33,7 @@ from azaiond.methods import method_table
 from azaiond.notify import Notifier
 from azaiond.resources import SplitResources
 from azaiond.rpc.dispatch import Dispatcher
+from azaiond.rpc.limits import ConnectionLimits
 from azaiond.rpc.listen import Listener, open_listener
 from azaiond.rpc.server import Server
 from azaiond.rpc.table import MethodTable
@@ -211,6 +212,13 @@ def build_rpc(table: MethodTable, sock: socket.socket, config: SocketConfig, *, 
         dispatcher,
         max_message_bytes=config.max_message_bytes,
         admin_groups=config.admin_groups,
+        limits=ConnectionLimits(
+            max_connections=config.max_connections,
+            max_connections_per_uid=config.max_connections_per_uid,
+            max_buffered_bytes=config.max_buffered_bytes,
+            idle_timeout=config.idle_timeout,
+            stall_timeout=config.stall_timeout,
+        ),
     )
     return Rpc(dispatcher, server)
 

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 SD_LISTEN_FDS_START = 3
 SOCKET_MODE = 0o660
-BACKLOG = 128
+BACKLOG = socket.SOMAXCONN  # as systemd's Backlog= default: a burst of connects waits, not fails
 
 
 class ListenError(Exception):
