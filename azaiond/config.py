@@ -34,10 +34,17 @@ class SocketConfig:
     group: str | None = "azaion"
     admin_groups: tuple[str, ...] = ("azaion-admin",)
     max_message_mb: int = 32
+    max_batch: int = 1000  # elements in one batch
+    max_batch_inline_mb: int = 32  # decoded inline bytes one batch may move, both ways
+    max_calls_per_uid: int = 8  # worker-thread calls one non-admin uid may have running
 
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * MIB
+
+    @property
+    def max_batch_inline_bytes(self) -> int:
+        return self.max_batch_inline_mb * MIB
 
 
 @dataclass(frozen=True)
@@ -208,6 +215,13 @@ def parse(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
         group=r.take("group", d.socket.group, _str, "a group name"),
         admin_groups=r.take("admin_groups", d.socket.admin_groups, _str_list, "a list of group names"),
         max_message_mb=r.take("max_message_mb", d.socket.max_message_mb, _int(1, 1024), "MiB, 1-1024"),
+        max_batch=r.take("max_batch", d.socket.max_batch, _int(1, 1_000_000), "an integer 1-1000000"),
+        max_batch_inline_mb=r.take(
+            "max_batch_inline_mb", d.socket.max_batch_inline_mb, _int(0, 1024), "MiB, 0-1024"
+        ),
+        max_calls_per_uid=r.take(
+            "max_calls_per_uid", d.socket.max_calls_per_uid, _int(1, 1024), "an integer 1-1024"
+        ),
     )
     r.done()
 

@@ -21,7 +21,8 @@ from azaiond import __version__, logs, wiring
 from azaiond.config import Config, load
 from azaiond.errors import AzaionError, ConfigError
 from azaiond.notify import Notifier
-from azaiond.rpc.dispatch import Dispatcher
+from azaiond.rpc.calllog import CallLog
+from azaiond.rpc.dispatch import Dispatcher, Limits
 from azaiond.rpc.listen import Listener, ListenError, open_listener
 from azaiond.rpc.server import Server
 
@@ -59,7 +60,13 @@ async def serve(
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    dispatcher = Dispatcher(daemon.table, workers=WORKERS)
+    limits = Limits(
+        max_batch=config.socket.max_batch,
+        batch_inline_bytes=config.socket.max_batch_inline_bytes,
+        inline_bytes=config.resources.inline_limit_bytes,
+        calls_per_uid=config.socket.max_calls_per_uid,
+    )
+    dispatcher = Dispatcher(daemon.table, workers=WORKERS, observers=[CallLog()], limits=limits)
     server = Server(
         listener.sock,
         dispatcher,
