@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from jsonrpcserver import JsonRpcError, Result, Success, async_dispatch_to_serializable, dispatch_to_serializable
 
@@ -583,7 +583,8 @@ class Dispatcher:
     async def _single(self, obj: dict[str, Any], ctx: _Context) -> bytes | None:
         ctx.request_id = obj.get("id")
         spec = self.table.get(obj["method"])
-        request = cast(str, obj)  # our deserializer takes the parsed object as it is
+        # Our deserializer takes the parsed object as it is (no typing.cast: it costs a call).
+        request: Any = obj
         if spec is None or not spec.blocking:
             # Quick methods and unknown names: the synchronous dispatch, no task, no extra turn.
             reply = dispatch_to_serializable(
@@ -595,7 +596,7 @@ class Dispatcher:
             )
         if reply is None:
             return None  # a notification: no reply, whatever happened
-        return _encode(_fix_error(cast(dict[str, Any], reply))) + b"\n"
+        return _encode(_fix_error(reply)) + b"\n"  # type: ignore[arg-type]
 
     async def _batch(self, items: list[Any], ctx: _Context) -> bytes | None:
         parts: list[bytes] = []
@@ -606,7 +607,7 @@ class Dispatcher:
             good = [item for item in chunk if shape_ok(item)]
             replies: list[Any] = []
             if good:
-                request = cast(str, good)
+                request: Any = good
                 if all(not getattr(self.table.get(item["method"]), "blocking", False) for item in good):
                     answer = dispatch_to_serializable(
                         request, self._quick, context=ctx, deserializer=_identity, validator=_identity
