@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from azaiond.devstack import DevStack
 from tests.fixtures_daemon import DaemonHandle, recv_line, request_line
+from tests.support.devstack import DevStack
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from azaiond.devstack import DevStack
 from tests.fixtures_daemon import DaemonHandle
+from tests.support.devstack import DevStack
 
 FOLDER = "size-models"
 
