@@ -556,7 +556,8 @@ class Dispatcher:
             items: list[Any] | None = None
             try:
                 text = line.decode("utf-8")
-                first = _WHITESPACE.match(text).end()  # type: ignore[union-attr]
+                # Most lines are one object: skip the whitespace scan for them.
+                first = 0 if line[:1] == b"{" else _WHITESPACE.match(text).end()  # type: ignore[union-attr]
                 if text.startswith("[", first):
                     items = await parse_batch(text, first, self.limits.max_batch)
                 else:
