@@ -5,12 +5,14 @@ against the daemon process.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import logging
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -249,6 +251,21 @@ def test_a_long_batch_lets_the_loop_run() -> None:
     finally:
         d.close()
     assert len(ticks) > 20_000 // 256  # at least one turn per parse and per dispatch slice
+
+
+def test_jsonrpcserver_is_used_through_its_public_names_only() -> None:
+    import jsonrpcserver
+
+    public = set(jsonrpcserver.__all__)
+    for path in Path(__file__).parents[1].joinpath("azaiond").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+                assert not [n for n in names if n.startswith(("jsonrpcserver.", "oslash"))], path
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith(("jsonrpcserver.", "oslash")), (path, node.module)
+                if node.module == "jsonrpcserver":
+                    assert {alias.name for alias in node.names} <= public, path
 
 
 # -- against the daemon process ----------------------------------------------------------
