@@ -235,14 +235,7 @@ class Server:
                     conn.busy = True
                     reply = await dispatcher.handle(line, conn.peer, mine)
                     if reply is not None:
-                        # Most replies fit the socket buffer: one send() and done, without the
-                        # coroutine and checks of sock_sendall (a few us of every round trip).
-                        try:
-                            sent = sock.send(reply)
-                        except (BlockingIOError, InterruptedError):
-                            sent = 0
-                        if sent < len(reply):
-                            await loop.sock_sendall(sock, memoryview(reply)[sent:])
+                        await loop.sock_sendall(sock, reply)
                     conn.busy = False
                     if self._closing:
                         return
