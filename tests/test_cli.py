@@ -227,6 +227,7 @@ def test_cdn_upload_and_download(fake: FakeDaemon, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout == b"uploaded 70000 bytes to models/m.big\n"
     assert fake.calls[0]["fd_mode"] == os.O_RDONLY
+    assert fake.calls[0]["params"]["size"] == 70000
     target = tmp_path / "out.bin"
     done = run(fake.path, "cdn-download", "models", "m.big", "-o", str(target))
     assert done.returncode == 0, done.stderr
@@ -246,6 +247,7 @@ def test_upload_file(fake: FakeDaemon, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert fake.uploads["models/model"] == blob(40000)
     assert fake.calls[0]["fd_mode"] == os.O_RDONLY
+    assert fake.calls[0]["params"]["size"] == 40000  # a regular file: its size goes along
     assert b'"size": 40000' in done.stdout
 
 
@@ -253,6 +255,7 @@ def test_upload_stdin(fake: FakeDaemon) -> None:
     done = run(fake.path, "upload", "-", "model", "--folder", "models", input=blob(5000))
     assert done.returncode == 0, done.stderr
     assert fake.uploads["models/model"] == blob(5000)
+    assert "size" not in fake.calls[0]["params"]  # a pipe: the size is not known ahead
     assert done.stdout.startswith(b"uploaded 5000 bytes as models/model")
 
 
