@@ -19,8 +19,9 @@ import pytest
 
 from azaiond.errors import NotFound
 from azaiond.rpc.calllog import CallLog
-from azaiond.rpc.dispatch import Dispatcher, Limits, _TooManyElements, parse_batch
+from azaiond.rpc.dispatch import Dispatcher, Limits
 from azaiond.rpc.table import Access, Call, CallRecord, MethodSpec, Param, Peer
+from azaiond.rpc.wire import TooManyElements, parse_batch
 from tests.fixtures_daemon import DaemonHandle, recv_line, request_line
 
 ROOT = Peer(uid=0, gid=0, pid=1, is_admin=True)
@@ -92,7 +93,7 @@ def test_parse_batch_agrees_with_json_loads(text: str) -> None:
 
 def test_parse_batch_stops_past_the_limit() -> None:
     text = "[" + ",".join(["{}"] * 1000) + ",oops"
-    with pytest.raises(_TooManyElements):
+    with pytest.raises(TooManyElements):
         asyncio.run(parse_batch(text, 0, 999))
 
 

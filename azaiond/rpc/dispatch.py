@@ -19,186 +19,63 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from jsonrpcserver import JsonRpcError, Result, Success, async_dispatch_to_serializable, dispatch_to_serializable
 
-from azaiond.errors import AzaionError, Busy, InvalidParams, TooLarge
-from azaiond.rpc.table import Access, Call, CallObserver, CallRecord, MethodSpec, MethodTable, Param, Peer
+from azaiond.errors import AzaionError, InvalidParams, TooLarge
+from azaiond.rpc.checks import may_call, validate_params
+from azaiond.rpc.quota import Limits, MemberSlots, inline_need, inline_used
+from azaiond.rpc.table import Call, CallObserver, CallRecord, MethodSpec, MethodTable, Peer
+from azaiond.rpc.wire import (
+    FORBIDDEN,
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    INVALID_REQUEST_LINE,
+    PARSE_ERROR_LINE,
+    TOO_LARGE,
+    TOO_LARGE_LINE,
+    WHITESPACE,
+    Notify,
+    Progress,
+    TooManyElements,
+    decoder,
+    encode_reply,
+    error_line,
+    error_obj,
+    fix_error,
+    parse_batch,
+    shape_ok,
+)
+
+_INVALID_REQUEST_PART = INVALID_REQUEST_LINE[:-1]
+
+# Names the transport and the tests take from here.
+__all__ = [
+    "INVALID_REQUEST",
+    "TOO_LARGE_LINE",
+    "Dispatcher",
+    "Limits",
+    "Notify",
+    "error_line",
+    "may_call",
+    "validate_params",
+]
 
 log = logging.getLogger(__name__)
-
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
-FORBIDDEN = -32002
-TOO_LARGE = -32008
 
 # Batch elements dispatched between two yields to the event loop: about a millisecond of
 # quick calls, so other connections and the watchdog wait no longer than that.
 SLICE = 64
-# Batch elements parsed between two yields while a long batch line is read.
-PARSE_SLICE = 256
-# Progress notifications for one call: at most one per this many seconds (and the last).
-PROGRESS_INTERVAL = 0.25
-
-Notify = Callable[[bytes], None]
-
-_REQUEST_KEYS = frozenset(("jsonrpc", "method", "params", "id"))
-_JSON_NAMES: dict[type, str] = {
-    str: "string",
-    int: "integer",
-    float: "number",
-    bool: "boolean",
-    dict: "object",
-    list: "array",
-    type(None): "null",
-}
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
-def _reject_constant(name: str) -> Any:
-    # NaN and Infinity are not JSON; accepting them would let an id we cannot echo through.
-    raise ValueError(f"not JSON: {name}")
-
-
-_decoder = json.JSONDecoder(parse_constant=_reject_constant)
-# Built once: json.dumps with keyword arguments builds a new encoder on every call.
-_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
-
-
-def _error_obj(code: int, message: str, kind: str, id_: Any = None) -> dict[str, Any]:
-    return {"jsonrpc": "2.0", "error": {"code": code, "message": message, "data": {"kind": kind}}, "id": id_}
-
-
-def error_line(code: int, message: str, kind: str, id_: Any = None) -> bytes:
-    """One complete JSON-RPC error reply, newline included."""
-    return _encoder.encode(_error_obj(code, message, kind, id_)).encode() + b"\n"
-
-
-PARSE_ERROR_LINE = error_line(PARSE_ERROR, "parse error", "parse_error")
-INVALID_REQUEST_LINE = error_line(INVALID_REQUEST, "invalid request", "invalid_request")
-TOO_LARGE_LINE = error_line(TOO_LARGE, "message too large", "too_large")
-_INVALID_REQUEST_PART = INVALID_REQUEST_LINE[:-1]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one message may ask of the daemon (the ``socket`` config section)."""
-
-    # Elements in one batch; a longer batch is refused whole with too_large.
-    max_batch: int = 1000
-    # Decoded inline bytes one batch may move, both ways: input ``data`` and replies that
-    # carry ``data``. Every element that may reply inline reserves the inline limit.
-    batch_inline_bytes: int = 32 * 1024 * 1024
-    # The inline limit itself (resources.inline_limit_mb).
-    inline_bytes: int = 16 * 1024 * 1024
-    # Worker-thread calls one non-admin uid may have running at once; past it, busy.
-    calls_per_uid: int = 8
-    # Worker-thread calls all non-admin peers together may have running: keeps workers free
-    # for root and the admin group. None: the worker pool less four.
-    member_calls: int | None = None
-
-
-def shape_ok(obj: Any) -> bool:
-    """A JSON-RPC 2.0 request or notification whose id we can echo: a string, integer or null."""
-    if type(obj) is not dict or obj.get("jsonrpc") != "2.0" or type(obj.get("method")) is not str:
-        return False
-    if not _REQUEST_KEYS.issuperset(obj):
-        return False
-    if "params" in obj and type(obj["params"]) not in (dict, list):
-        return False
-    # A float id (1.5, 1e400) is refused: JSON-RPC discourages fractions, and one that
-    # overflowed to inf could not even be echoed back.
-    return "id" not in obj or type(obj["id"]) in (str, int) or obj["id"] is None
-
-
-def _type_name(types: tuple[type, ...]) -> str:
-    return " or ".join(_JSON_NAMES.get(t, t.__name__) for t in types)
-
-
-def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
-    # bool is a subclass of int in Python but a different type in JSON.
-    if isinstance(value, bool):
-        return bool in types or object in types
-    if isinstance(value, types):
-        return True
-    # JSON has one number type: 3 is a fine value for a float param.
-    return float in types and isinstance(value, int)
-
-
-def validate_params(params: Sequence[Param], given: Mapping[str, Any]) -> None:
-    """Raise InvalidParams naming the first missing, extra or mistyped param."""
-    names = {p.name for p in params}
-    for key in given:
-        if key not in names:
-            raise InvalidParams(f"extra param '{key}'")
-    for p in params:
-        if p.name not in given:
-            if p.required:
-                raise InvalidParams(f"missing param '{p.name}'")
-            continue
-        types = p.type if isinstance(p.type, tuple) else (p.type,)
-        if not _type_ok(given[p.name], types):
-            raise InvalidParams(f"param '{p.name}' must be {_type_name(types)}")
-
-
-def may_call(spec: MethodSpec, peer: Peer) -> bool:
-    """Access from the table alone; a level this code does not know refuses."""
-    if spec.access is Access.OPEN:
-        return True
-    if spec.access is Access.ADMIN:
-        return peer.is_admin
-    return False
-
-
-class _TooManyElements(Exception):
-    pass
-
-
-async def parse_batch(text: str, start: int, max_elements: int) -> list[Any]:
-    """The elements of the JSON array that begins at ``text[start]`` (its ``[``).
-
-    Decodes one element at a time and yields to the loop now and then, so a long line never
-    holds it; stops with _TooManyElements past ``max_elements`` without building the rest.
-    Raises ValueError (or RecursionError) where ``json.loads`` would.
-    """
-    items: list[Any] = []
-    decode = _decoder.raw_decode
-    skip = _WHITESPACE.match
-    pos = skip(text, start + 1).end()  # type: ignore[union-attr]
-    if text.startswith("]", pos):
-        pos += 1
-    else:
-        while True:
-            item, pos = decode(text, pos)
-            items.append(item)
-            if len(items) > max_elements:
-                raise _TooManyElements
-            if len(items) % PARSE_SLICE == 0:
-                await asyncio.sleep(0)
-            pos = skip(text, pos).end()  # type: ignore[union-attr]
-            if text.startswith(",", pos):
-                pos = skip(text, pos + 1).end()  # type: ignore[union-attr]
-                continue
-            if text.startswith("]", pos):
-                pos += 1
-                break
-            raise ValueError("expected ',' or ']'")
-    if skip(text, pos).end() != len(text):  # type: ignore[union-attr]
-        raise ValueError("extra data after the batch")
-    return items
 
 
 class _Context:
@@ -244,30 +121,6 @@ def _identity(obj: Any) -> Any:
     return obj
 
 
-def _fix_error(reply: dict[str, Any]) -> dict[str, Any]:
-    """Every error with data.kind; jsonrpcserver's own errors made ours."""
-    error = reply.get("error")
-    if error is None:
-        return reply
-    data = error.get("data")
-    if isinstance(data, dict) and "kind" in data:
-        return reply
-    if error.get("code") == METHOD_NOT_FOUND:
-        return _error_obj(METHOD_NOT_FOUND, "method not found", "method_not_found", reply.get("id"))
-    # Anything else came from inside jsonrpcserver, whose data is str(exc): never echo it.
-    return _error_obj(INTERNAL_ERROR, "internal error", "internal", reply.get("id"))
-
-
-def _encode(reply: dict[str, Any]) -> bytes:
-    """One reply object as JSON (no newline)."""
-    try:
-        return _encoder.encode(reply).encode()
-    except (TypeError, ValueError):
-        # A handler returned something JSON cannot carry (a set, bytes, NaN...).
-        log.error("a reply could not be encoded as JSON")
-        return error_line(INTERNAL_ERROR, "internal error", "internal", reply.get("id"))[:-1]
-
-
 def _raise(exc: AzaionError) -> JsonRpcError:
     return JsonRpcError(exc.code, exc.message, {"kind": exc.kind})
 
@@ -278,29 +131,6 @@ _WRAPPER_SIGNATURE = inspect.Signature(
         inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
     ]
 )
-
-
-class _Progress:
-    """Call.progress for a caller who asked for it: throttled notification lines."""
-
-    __slots__ = ("_id", "_last", "_notify")
-
-    def __init__(self, notify: Notify, id_: Any) -> None:
-        self._notify = notify
-        self._id = id_
-        self._last = 0.0
-
-    def __call__(self, done: int, total: int | None) -> None:
-        now = time.monotonic()
-        if now - self._last < PROGRESS_INTERVAL and done != total:
-            return
-        self._last = now
-        params = {"id": self._id, "done": done, "total": total}
-        line = _encoder.encode({"jsonrpc": "2.0", "method": "progress", "params": params}).encode() + b"\n"
-        try:
-            self._notify(line)
-        except Exception:
-            log.exception("sending a progress notification failed")
 
 
 class Dispatcher:
@@ -325,11 +155,8 @@ class Dispatcher:
         self.cancel = cancel or threading.Event()
         self._observers = tuple(observers)
         self.limits = limits or Limits()
-        self._member_limit = (
-            self.limits.member_calls if self.limits.member_calls is not None else max(1, workers - 4)
-        )
-        self._per_uid: dict[int, int] = {}
-        self._member_total = 0
+        total = self.limits.member_calls if self.limits.member_calls is not None else max(1, workers - 4)
+        self._slots = MemberSlots(self.limits.calls_per_uid, total)
         self._quick: dict[str, Callable[..., Result]] = {}
         self._async: dict[str, Callable[..., Awaitable[Result]]] = {}
         for name, spec in table.items():
@@ -365,7 +192,7 @@ class Dispatcher:
             raise InvalidParams(ctx.fd_error)
         call = Call(peer=ctx.peer, params=kwargs, fd=ctx.fd, cancel=ctx.cancel)
         if wants_progress and ctx.notify is not None and ctx.request_id is not None:
-            call.progress = _Progress(ctx.notify, ctx.request_id)
+            call.progress = Progress(ctx.notify, ctx.request_id)
         return call
 
     def _record(self, name: str, peer: Peer, kind: str | None, start: float, call: Call | None) -> None:
@@ -453,62 +280,32 @@ class Dispatcher:
         method.__signature__ = _WRAPPER_SIGNATURE  # type: ignore[attr-defined]
         return method
 
-    # -- limits --------------------------------------------------------------------------
-
     def _reserve_inline(self, spec: MethodSpec, ctx: _Context, params: Mapping[str, Any]) -> int:
         """Take a batch element's worst case from the batch's inline budget, or refuse it."""
         if ctx.budget is None:
             return 0
-        data = params.get("data")
-        # Input: the decoded size of the data. Output: any call that takes no data may reply
-        # with up to the inline limit (in a batch there is no descriptor to write to).
-        need = len(data) // 4 * 3 if isinstance(data, str) else self.limits.inline_bytes
-        if need > ctx.budget:
-            raise TooLarge(f"{spec.name}: the batch is over its inline byte limit: pass a descriptor")
+        need = inline_need(spec.name, params, ctx.budget, self.limits)
         ctx.budget -= need
         return need
 
     def _settle_inline(self, ctx: _Context, reserved: int, result: Mapping[str, Any]) -> None:
         if ctx.budget is None:
             return
-        data = result.get("data") if isinstance(result, Mapping) else None
-        used = len(data) // 4 * 3 if isinstance(data, str) else 0
+        used = inline_used(result)
         if used > reserved:  # a reply larger than it reserved: never let the batch grow past its cap
             ctx.budget -= used - reserved
             if ctx.budget < 0:
                 raise TooLarge("the batch is over its inline byte limit: pass a descriptor")
 
-    def _acquire(self, peer: Peer) -> None:
-        """Count a member's worker-thread call, or refuse it with busy at once."""
-        if peer.is_admin:
-            return
-        held = self._per_uid.get(peer.uid, 0)
-        if held >= self.limits.calls_per_uid:
-            raise Busy(f"uid {peer.uid} already has {held} calls running; try again later")
-        if self._member_total >= self._member_limit:
-            raise Busy("too many calls running; try again later")
-        self._per_uid[peer.uid] = held + 1
-        self._member_total += 1
-
-    def _release(self, peer: Peer) -> None:
-        if peer.is_admin:
-            return
-        held = self._per_uid[peer.uid] - 1
-        if held:
-            self._per_uid[peer.uid] = held
-        else:
-            del self._per_uid[peer.uid]
-        self._member_total -= 1
-
     async def _run_thread(
         self, handler: Callable[[Call], Mapping[str, Any]], call: Call, ctx: _Context
     ) -> Mapping[str, Any]:
         peer = call.peer
-        self._acquire(peer)
+        self._slots.acquire(peer)
         try:
             future = self._executor.submit(handler, call)
         except BaseException:
-            self._release(peer)
+            self._slots.release(peer)
             raise
         self._threads.add(future)
         # set.discard is atomic under the GIL, so the worker thread may run this callback.
@@ -526,10 +323,10 @@ class Dispatcher:
         finally:
             # The slot is the member's until its thread is free, also after a cancellation.
             if future.done():
-                self._release(peer)
+                self._slots.release(peer)
             else:
                 loop = asyncio.get_running_loop()
-                future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release, peer))
+                future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._slots.release, peer))
 
     # -- lines ---------------------------------------------------------------------------
 
@@ -557,12 +354,12 @@ class Dispatcher:
             try:
                 text = line.decode("utf-8")
                 # Most lines are one object: skip the whitespace scan for them.
-                first = 0 if line[:1] == b"{" else _WHITESPACE.match(text).end()  # type: ignore[union-attr]
+                first = 0 if line[:1] == b"{" else WHITESPACE.match(text).end()  # type: ignore[union-attr]
                 if text.startswith("[", first):
                     items = await parse_batch(text, first, self.limits.max_batch)
                 else:
-                    obj = _decoder.decode(text)
-            except _TooManyElements:
+                    obj = decoder.decode(text)
+            except TooManyElements:
                 message = f"a batch may hold at most {self.limits.max_batch} elements"
                 return error_line(TOO_LARGE, message, "too_large")
             except (ValueError, RecursionError):
@@ -597,7 +394,7 @@ class Dispatcher:
             )
         if reply is None:
             return None  # a notification: no reply, whatever happened
-        return _encode(_fix_error(reply)) + b"\n"  # type: ignore[arg-type]
+        return encode_reply(fix_error(reply)) + b"\n"  # type: ignore[arg-type]
 
     async def _batch(self, items: list[Any], ctx: _Context) -> bytes | None:
         parts: list[bytes] = []
@@ -621,7 +418,7 @@ class Dispatcher:
                     replies = answer
                 elif answer is not None:
                     # jsonrpcserver failed as a whole and gave one error: give it to every request.
-                    replies = [_error_obj(INTERNAL_ERROR, "internal error", "internal", item.get("id"))
+                    replies = [error_obj(INTERNAL_ERROR, "internal error", "internal", item.get("id"))
                                for item in good if "id" in item]
             # Put each bad element's error where it stood; jsonrpcserver kept the order of the rest.
             answered = iter(replies)
@@ -629,7 +426,7 @@ class Dispatcher:
                 if not shape_ok(item):
                     parts.append(_INVALID_REQUEST_PART)
                 elif "id" in item:
-                    parts.append(_encode(_fix_error(next(answered))))
+                    parts.append(encode_reply(fix_error(next(answered))))
             del chunk, good, replies
         if not parts:
             return None
