@@ -8,6 +8,7 @@ leaves a half entry that a later load would trust. botocore's exceptions are tra
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import boto3
 import boto3.exceptions
 import botocore.config
 import botocore.exceptions
+import urllib3.exceptions
 import yaml
 from boto3.s3.transfer import TransferConfig
 
@@ -59,6 +61,43 @@ class CdnSettings:
                 raise UpstreamError(f"cdn.yaml from the Resource API lacks {key}")
             values[key] = value
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a HEAD says about an object: enough to size, resume and vet a download."""
+
+    size: int
+    etag: str
+    metadata: dict[str, str]
+
+
+class RangeInterrupted(CdnError):
+    """A ranged GET broke off (connection cut, short body, timeout): worth retrying from where it got."""
+
+
+class ObjectChanged(CdnError):
+    """The object is no longer the version a download started on (ETag or size changed)."""
+
+
+class RangeBody:
+    """The streaming body of one ranged GET; read errors come out as ``RangeInterrupted``."""
+
+    def __init__(self, body: Any, total: str, where: str) -> None:
+        self._body = body
+        self.total = total  # the object size the store reported, as text
+        self._where = where
+
+    def read(self, size: int) -> bytes:
+        try:
+            data: bytes = self._body.read(size)
+        except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise RangeInterrupted(f"the CDN broke off the download of {self._where}") from exc
+        return data
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._body.close()
 
 
 def botocore_config(retries: int) -> botocore.config.Config:
@@ -135,6 +174,53 @@ class Cdn:
         if isinstance(exc, botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectionError):
             return CdnError(f"the CDN at {self.endpoint} is unreachable")
         return CdnError(f"the CDN failed the {action} of {where} ({type(exc).__name__})")
+
+    def head(self, bucket: str, key: str) -> ObjectInfo:
+        """Size, ETag and user metadata of an object, read with the read keys."""
+        check_bucket(bucket)
+        check_name(key, "key")
+        try:
+            resp = self._reader.head_object(Bucket=bucket, Key=key)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._translate(exc, "download", bucket, key) from exc
+        size = resp.get("ContentLength")
+        if not isinstance(size, int) or size < 0:
+            raise CdnError(f"the CDN gave no size for {bucket}/{key}")
+        metadata = resp.get("Metadata") or {}
+        return ObjectInfo(size=size, etag=str(resp.get("ETag") or ""), metadata=dict(metadata))
+
+    def get_range(self, bucket: str, key: str, start: int, end: int, etag: str) -> RangeBody:
+        """Open bytes ``[start, end)`` of an object that must still carry ``etag``.
+
+        The body is checked to be the range asked for, of the same object (Content-Range and
+        ETag): a store that ignores the range or serves another version is refused here, so a
+        caller never writes bytes of the wrong object at the wrong place. Reading the body can
+        still fail mid-way; ``read_range_chunk`` translates that.
+        """
+        where = f"{bucket}/{key}"
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Range": f"bytes={start}-{end - 1}"}
+        if etag:
+            kwargs["IfMatch"] = etag
+        try:
+            resp = self._reader.get_object(**kwargs)
+        except botocore.exceptions.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412"):
+                raise ObjectChanged(f"{where} changed on the CDN during the download") from exc
+            raise self._translate(exc, "download", bucket, key) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise RangeInterrupted(f"the CDN broke off the download of {where}") from exc
+        body = resp["Body"]
+        served = resp.get("ContentRange") or ""
+        total = served.rpartition("/")[2]
+        if served != f"bytes {start}-{end - 1}/{total}":
+            body.close()
+            raise CdnError(f"the CDN answered a range of {where} with other bytes ({served or 'the whole object'})")
+        got_etag = str(resp.get("ETag") or "")
+        if etag and got_etag and got_etag != etag:
+            body.close()
+            raise ObjectChanged(f"{where} changed on the CDN during the download")
+        return RangeBody(body, total, where)
 
     def download_into(self, bucket: str, key: str, sink: IO[bytes] | io.RawIOBase) -> int:
         """Stream an object into a writable binary file object; returns its size."""

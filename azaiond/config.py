@@ -56,6 +56,13 @@ class CdnConfig:
     endpoint: str | None = None
     retries: int = 3
     multipart_chunk_mb: int = 8  # boto3's own default part size
+    range_mb: int = 8  # a cold load fetches the big part in ranges of this size...
+    parallel: int = 4  # ...this many at a time
+    partial_max_age_h: float = 24.0  # older partial downloads are removed at start
+
+    @property
+    def range_bytes(self) -> int:
+        return self.range_mb * MIB
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,10 @@ class Config:
     @property
     def cache_dir(self) -> Path:
         return self.state_dir / "cache"
+
+    @property
+    def partial_dir(self) -> Path:
+        return self.state_dir / "partial"
 
     @property
     def token_path(self) -> Path:
@@ -230,6 +241,11 @@ def parse(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
         retries=r.take("retries", d.cdn.retries, _int(0, 10), "an integer 0-10"),
         multipart_chunk_mb=r.take(
             "multipart_chunk_mb", d.cdn.multipart_chunk_mb, _int(5, 1024), "MiB, 5-1024"
+        ),
+        range_mb=r.take("range_mb", d.cdn.range_mb, _int(1, 1024), "MiB, 1-1024"),
+        parallel=r.take("parallel", d.cdn.parallel, _int(1, 32), "an integer 1-32"),
+        partial_max_age_h=r.take(
+            "partial_max_age_h", d.cdn.partial_max_age_h, _float(0, 87600), "hours, 0-87600"
         ),
     )
     r.done()

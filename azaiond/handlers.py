@@ -63,10 +63,10 @@ class Handlers:
         name, folder = call.params["name"], call.params["folder"]
         if call.fd is not None:
             require_writable(call.fd, "load")
-            result = self._resources.load(name, folder, FdSink(call.fd), call.cancel)
+            result = self._resources.load(name, folder, FdSink(call.fd), call.cancel, call.progress)
             return {"size": result.size, "sha256": result.sha256}
         buffer = CappedBuffer(self._inline_limit)
-        result = self._resources.load(name, folder, buffer, call.cancel)
+        result = self._resources.load(name, folder, buffer, call.cancel, call.progress)
         return {"size": result.size, "sha256": result.sha256, "data": _b64(buffer.buffer)}
 
     # -- admin ---------------------------------------------------------------------------

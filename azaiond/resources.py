@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,12 +26,15 @@ from typing import Protocol
 
 from azaiond import crypto
 from azaiond.apiclient import ResourceApi
-from azaiond.cdn import Cdn
+from azaiond.bigpart import BigPart, CachedBigPart
+from azaiond.cdn import Cdn, ObjectInfo
 from azaiond.errors import Cancelled, IntegrityError, NotAuthenticated
-from azaiond.fsutil import atomic_file, private_dir
+from azaiond.fetch import Fetcher, Progress
+from azaiond.fsutil import atomic_file
 from azaiond.names import check_bucket, check_name
 
 log = logging.getLogger(__name__)
+MIB = 1024 * 1024
 
 
 class Input(Protocol):
@@ -68,14 +70,16 @@ class SplitResources:
         cache_dir: Path,
         resource_key: Callable[[], str | None],
         small_part_kb: int = 3,
+        *,
+        fetcher: Fetcher | None = None,
     ) -> None:
         self._api = api
         self._cdn = cdn
         self.cache_dir = cache_dir
         self._resource_key = resource_key
         self._small_part_kb = small_part_kb
-        self._flights: dict[Path, threading.Lock] = {}
-        self._flights_guard = threading.Lock()
+        # Cold loads: parallel ranged GETs into a resumable partial file beside the cache.
+        self._fetcher = fetcher or Fetcher(cache_dir.parent / "partial", range_size=8 * MIB, parallel=4, retries=3)
 
     def _key(self) -> bytes:
         secret = self._resource_key()
@@ -86,87 +90,128 @@ class SplitResources:
     def cache_path(self, name: str, folder: str) -> Path:
         return self.cache_dir / folder / f"{name}.big"
 
-    def _flight(self, path: Path) -> threading.Lock:
-        with self._flights_guard:
-            return self._flights.setdefault(path, threading.Lock())
-
     # -- load ----------------------------------------------------------------------------
 
-    def load(self, name: str, folder: str, sink: crypto.Sink, cancel: threading.Event | None = None) -> LoadResult:
+    def load(
+        self,
+        name: str,
+        folder: str,
+        sink: crypto.Sink,
+        cancel: threading.Event | None = None,
+        progress: Progress | None = None,
+    ) -> LoadResult:
         check_name(name)
         check_name(folder, "folder")
         check_bucket(folder)
         key = self._key()
         small = self._api.get_resource(folder, f"{name}.small")
         path = self.cache_path(name, folder)
-        fetched = self._ensure_cached(name, folder, path, refetch=False)
+        big = self._big_part(name, folder, path, small, cancel=cancel, progress=progress)
         try:
-            self._vet(small, path, key)
-        except IntegrityError:
-            if fetched:  # straight from the CDN and still bad: keep nobody from trusting it
-                self._drop(path)
-                raise
-            log.warning("cached big part %s fails verification; fetching it again from the CDN", path)
-            self._ensure_cached(name, folder, path, refetch=True)
+            if isinstance(big, CachedBigPart):
+                try:
+                    self._vet(small, big, key)
+                except IntegrityError:
+                    log.warning("cached big part %s fails verification; fetching it again from the CDN", path)
+                    big.close()
+                    self._drop(path)
+                    big = self._big_part(name, folder, path, small, cancel=cancel, progress=progress)
             try:
-                self._vet(small, path, key)
-            except IntegrityError:
+                if not isinstance(big, CachedBigPart):
+                    self._vet(small, big, key)  # waits for the tail only: it is fetched early
+                result = self._decrypt(small, big, key, sink, cancel)
+            except IntegrityError as exc:
+                # Straight from the CDN and bad, or a cache file that changed under us after
+                # it was vetted: nobody may trust these bytes again.
+                big.fail(exc)
                 self._drop(path)
                 raise
-        try:
-            return self._decrypt(small, path, key, sink, cancel)
-        except IntegrityError:
-            # The tail was vetted, so this means the file changed under us; never trust it again.
-            self._drop(path)
-            raise
+            big.finish()
+            return result
+        finally:
+            big.close()
 
-    def _ensure_cached(self, name: str, folder: str, path: Path, *, refetch: bool) -> bool:
-        """Make sure ``path`` holds the big part; True if this call (or a peer's) fetched it now."""
-        with self._flight(path):
-            if refetch:
-                self._drop(path)
-            elif path.exists():
-                return False
-            private_dir(path.parent)
-            self._cdn().download_to(folder, f"{name}.big", path)
-            return True
+    def fetch_big(
+        self, name: str, folder: str, cancel: threading.Event | None = None, progress: Progress | None = None
+    ) -> int:
+        """Make sure the big part is in the cache (nothing decrypted); returns its size."""
+        check_name(name)
+        check_name(folder, "folder")
+        check_bucket(folder)
+        big = self._big_part(name, folder, self.cache_path(name, folder), None, cancel=cancel, progress=progress)
+        try:
+            big.finish()
+            return big.size
+        finally:
+            big.close()
+
+    def _big_part(
+        self,
+        name: str,
+        folder: str,
+        path: Path,
+        small: bytes | None,
+        *,
+        cancel: threading.Event | None,
+        progress: Progress | None,
+    ) -> BigPart:
+        """The cache entry if there is one, else a reader of its download from the CDN (which
+        joins a download of the same object already under way)."""
+        while True:
+            cached = CachedBigPart.find(path)
+            if cached is not None:
+                return cached
+            reader = self._fetcher.open(
+                self._cdn,
+                folder,
+                f"{name}.big",
+                path,
+                cancel=cancel,
+                progress=progress,
+                check=lambda info: self._check_object(info, small),
+            )
+            if reader is not None:
+                return reader
+
+    def _check_object(self, info: ObjectInfo, small: bytes | None) -> None:
+        """Vet what the CDN's HEAD says before a byte of the big part is fetched or released.
+
+        The place for checks of the object's metadata (``info.metadata``) against the small
+        part the load holds (None when the big part is fetched without a load).
+        """
 
     def _drop(self, path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
     @staticmethod
-    def _vet(small: bytes, path: Path, key: bytes) -> None:
+    def _vet(small: bytes, big: BigPart, key: bytes) -> None:
         """Check length and padding of ``small || big`` from its last two blocks alone."""
-        with open(path, "rb") as big:
-            big_len = os.fstat(big.fileno()).st_size
-            total = len(small) + big_len
-            if total < crypto.IV_SIZE + crypto.BLOCK or total % crypto.BLOCK:
-                raise IntegrityError("decryption failed")
-            take = min(big_len, 2 * crypto.BLOCK)
-            big.seek(big_len - take)
-            tail = big.read(take)
+        total = len(small) + big.size
+        if total < crypto.IV_SIZE + crypto.BLOCK or total % crypto.BLOCK:
+            raise IntegrityError("decryption failed")
+        take = min(big.size, 2 * crypto.BLOCK)
+        tail = big.pread(big.size - take, take)
         crypto.check_tail((small + tail)[-2 * crypto.BLOCK :] if take < 2 * crypto.BLOCK else tail, key)
 
     @staticmethod
     def _decrypt(
-        small: bytes, path: Path, key: bytes, sink: crypto.Sink, cancel: threading.Event | None
+        small: bytes, big: BigPart, key: bytes, sink: crypto.Sink, cancel: threading.Event | None
     ) -> LoadResult:
-        with open(path, "rb", buffering=0) as big:
-            pending = memoryview(small)
+        pending = memoryview(small)
 
-            def read(buf: memoryview) -> int:
-                nonlocal pending
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("the daemon is shutting down; the load was stopped")
-                if pending:
-                    n = min(len(pending), len(buf))
-                    buf[:n] = pending[:n]
-                    pending = pending[n:]
-                    return n
-                return big.readinto(buf) or 0
+        def read(buf: memoryview) -> int:
+            nonlocal pending
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("the load was stopped: the daemon is shutting down or the caller went away")
+            if pending:
+                n = min(len(pending), len(buf))
+                buf[:n] = pending[:n]
+                pending = pending[n:]
+                return n
+            return big.readinto(buf)
 
-            size, digest = crypto.decrypt_chunks(read, sink, key)
+        size, digest = crypto.decrypt_chunks(read, sink, key)
         return LoadResult(size, digest)
 
     # -- upload --------------------------------------------------------------------------

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 import requests
 
-from azaiond import credentials, hardware
+from azaiond import credentials, hardware, partial
 from azaiond.account import Account
 from azaiond.apiclient import ResourceApi
 from azaiond.cdn import Cdn, CdnSettings
 from azaiond.config import Config
 from azaiond.errors import AzaionError
+from azaiond.fetch import Fetcher
 from azaiond.fsutil import private_dir, sweep_temp_files
 from azaiond.handlers import Handlers
 from azaiond.images import DockerImages
@@ -52,6 +53,7 @@ class Daemon:
     resources: SplitResources
     unlock: UnlockJob
     session: requests.Session
+    fetcher: Fetcher
     status: StatusLine = field(default_factory=lambda: StatusLine(None))
 
     def status_line(self) -> str:
@@ -77,6 +79,7 @@ class Daemon:
     def close(self) -> None:
         """Stop background work and release clients; called once on shutdown."""
         self.unlock.close()
+        self.fetcher.close()  # downloads checkpoint their partial files, to resume after a restart
         self.session.close()
 
 
@@ -84,6 +87,7 @@ def build(config: Config, status_line: Callable[[str], None] | None = None) -> D
     private_dir(config.state_dir)
     private_dir(config.cache_dir)
     sweep_temp_files(config.state_dir)  # leftovers of a crash are never trusted
+    partial.sweep(config.partial_dir, config.cdn.partial_max_age_h * 3600)
     session = requests.Session()
     session.headers["User-Agent"] = "azaiond"
     machine = hardware.describe() if config.hardware == "auto" else config.hardware
@@ -107,12 +111,19 @@ def build(config: Config, status_line: Callable[[str], None] | None = None) -> D
         )
 
     account = Account(api, make_cdn)
+    fetcher = Fetcher(
+        config.partial_dir,
+        range_size=config.cdn.range_bytes,
+        parallel=config.cdn.parallel,
+        retries=config.cdn.retries,
+    )
     resources = SplitResources(
         api,
         account.cdn,
         config.cache_dir,
         lambda: credentials.resource_key(config.resources.key),
         small_part_kb=config.resources.small_part_kb,
+        fetcher=fetcher,
     )
     report = StatusLine(status_line)
     images = DockerImages(config.docker.base_url, config.docker.timeout)
@@ -125,5 +136,6 @@ def build(config: Config, status_line: Callable[[str], None] | None = None) -> D
         resources=resources,
         unlock=unlock,
         session=session,
+        fetcher=fetcher,
         status=report,
     )
