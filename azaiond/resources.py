@@ -3,12 +3,13 @@
 Upload: ``ct = encrypt(data, resource_key)``; the first ``n = min(small_part_kb KiB, 30 % of ct)``
 bytes go to the API as ``<name>.small``, the rest to the CDN as ``<folder>/<name>.big`` and to
 the local cache. Load: the small part from the API, the big part from the cache or else the
-CDN, and ``decrypt(small || big)`` streamed into any writable sink.
+CDN (fetch.py: parallel ranged GETs, read while they arrive, resumable), and
+``decrypt(small || big)`` streamed into any writable sink.
 
 Both directions stream with memory that does not grow with the resource. Before a single
 plaintext byte is written, a load vets the padding from the last two cipher blocks, so a
 truncated or tail-tampered cached part is dropped and fetched again from the CDN once. Loads
-that miss the same big part share one download (single flight).
+that miss the same big part share one download.
 
 v1 has no MAC: tampering that keeps the padding valid yields wrong bytes, undetected. See
 docs/security.md.
