@@ -16,7 +16,7 @@ Variants, alternating in every round, every sample printed, medians and ratios o
   the ranges through, cuts the next few mid-way and then answers 503; the load fails, the proxy
   is cleared, the load is retried; reported: all bytes the proxy moved / the object's size.
 
-    python3 scripts/bench_cold.py --size-mb 1024 --repeat 3
+    python3 -m scripts.bench_cold --size-mb 1024 --repeat 3
 """
 
 from __future__ import annotations
@@ -36,8 +36,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 FOLDER = "bench"
 NAME = "cold.bin"
@@ -181,8 +179,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp dir under /var/tmp")
     args = parser.parse_args()
 
-    from azaiond.devstack import DevStack
     from tests.faultproxy import Fault, FaultProxy, Match
+    from tests.support.devstack import DevStack
 
     work = Path(tempfile.mkdtemp(prefix="azcold-", dir=args.workdir or "/var/tmp"))
     work.chmod(0o755)  # nginx's worker (nobody) reads the origin directory below
@@ -215,7 +213,7 @@ def main() -> int:
 
         def baseline() -> None:
             out = work / "download.bin"
-            proc = subprocess.run([sys.executable, __file__, "--child-download", nginx.url, str(out)],
+            proc = subprocess.run([sys.executable, "-m", "scripts.bench_cold", "--child-download", nginx.url, str(out)],
                                   check=True, capture_output=True, text=True)
             rows["download_file"].append(json.loads(proc.stdout)["seconds"])
             out.unlink()

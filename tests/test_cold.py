@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from azaiond import crypto
-from azaiond.devstack import DevStack
 from azaiond.resources import small_size
 from tests.faultproxy import Fault, FaultProxy, Match
 from tests.fixtures_daemon import DaemonHandle
+from tests.support.devstack import DevStack
 
 FOLDER = "cold-models"
 MIB = 1024 * 1024

@@ -21,9 +21,9 @@ from botocore.exceptions import (
 )
 from urllib3.exceptions import ProtocolError
 
-from azaiond.devstack import REGION, DevStack, boto_config
 from tests.faultproxy import Fault, FaultProxy, Match
 from tests.fixtures_stack import ApiClient
+from tests.support.devstack import REGION, DevStack, boto_config
 
 
 def _proxy_for(url: str) -> FaultProxy:

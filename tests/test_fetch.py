@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from azaiond.cdn import Cdn, CdnSettings, ObjectInfo
-from azaiond.devstack import DevStack
 from azaiond.errors import Cancelled, CdnError, StorageError
 from azaiond.fetch import DownloadReader, Fetcher
 from azaiond.partial import Extents, sweep
 from tests.faultproxy import Fault, FaultProxy, Match, wait_until
+from tests.support.devstack import DevStack
 
 R = 64 * 1024  # range size of these tests
 KEY = "obj.big"
