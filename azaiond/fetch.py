@@ -101,8 +101,8 @@ class Download:
         self._pieces.extend(pieces)
         count = min(self._parallel, len(pieces))
         self._running = count
-        if count == 0:
-            self._finish()
+        if count == 0:  # all there already: commit, off the caller's thread (it holds the fetcher's lock)
+            threading.Thread(target=self._finish, name=f"fetch-{self.key}-commit", daemon=True).start()
             return
         for i in range(count):
             t = threading.Thread(target=self._work, name=f"fetch-{self.key}-{i}", daemon=True)
@@ -232,14 +232,17 @@ class Download:
         except StorageError as exc:
             self.fail(exc)
             complete = False
-        finally:
-            self.partial.close()
+        except Exception:  # a bug must not leave readers waiting for ever
+            log.exception("finishing the download of %s/%s failed", self.bucket, self.key)
+            self.fail(CdnError(f"the download of {self.bucket}/{self.key} failed"))
+            complete = False
         with self._cond:
             self.committed = complete
             if not complete and self.error is None:
                 self.error = Cancelled("the download was stopped: nobody is waiting for it")
             self._cond.notify_all()
-        self._on_end(self)
+        self._on_end(self)  # first: while it is registered, a joining reader may still dup the fd
+        self.partial.close()
         self.ended.set()
 
     # -- what readers use ----------------------------------------------------------------

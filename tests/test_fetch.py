@@ -230,6 +230,24 @@ def test_untrusted_records_mean_starting_over(
         assert fetch(Fetcher(root, range_size=R, parallel=2, retries=0), cdn, bucket, dest) == data, body
 
 
+def test_a_complete_partial_file_is_committed_without_a_get(
+    clean_stack: DevStack, bucket: str, cdn: Cdn, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    # A crash after the last checkpoint but before the rename leaves a complete partial file.
+    data = os.urandom(3 * R + 1)
+    put(clean_stack, bucket, data)
+    info = cdn.head(bucket, KEY)
+    root = tmp_path / "partial"
+    (root / bucket).mkdir(parents=True)
+    (root / bucket / f"{KEY}.part").write_bytes(data)
+    record = {"etag": info.etag, "size": info.size, "extents": [[0, info.size]]}
+    (root / bucket / f"{KEY}.part.json").write_text(json.dumps(record))
+    got = fetch(Fetcher(root, range_size=R, parallel=2, retries=0), cdn, bucket, tmp_path / "c" / KEY)
+    assert got == data
+    assert proxy.count("GET", f"/{bucket}/{KEY}") == 0
+    assert leftovers(root) == []
+
+
 def test_sweep_removes_old_partial_files(tmp_path: Path) -> None:
     root = tmp_path / "partial"
     (root / "f").mkdir(parents=True)
