@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -65,11 +65,11 @@ class CdnSettings:
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """What a HEAD says about an object: enough to size, resume and vet a download."""
+    """What a HEAD tells about an object: its size, ETag and user metadata (keys lower-case)."""
 
     size: int
     etag: str
-    metadata: dict[str, str]
+    metadata: Mapping[str, str]
 
 
 class RangeInterrupted(CdnError):
@@ -187,7 +187,11 @@ class Cdn:
         if not isinstance(size, int) or size < 0:
             raise CdnError(f"the CDN gave no size for {bucket}/{key}")
         metadata = resp.get("Metadata") or {}
-        return ObjectInfo(size=size, etag=str(resp.get("ETag") or ""), metadata=dict(metadata))
+        return ObjectInfo(
+            size=size,
+            etag=str(resp.get("ETag") or ""),
+            metadata={str(k).lower(): str(v) for k, v in metadata.items()},
+        )
 
     def get_range(self, bucket: str, key: str, start: int, end: int, etag: str) -> RangeBody:
         """Open bytes ``[start, end)`` of an object that must still carry ``etag``.
