@@ -20,11 +20,15 @@ class Account:
         self._make_cdn = make_cdn
         self._cdn: Cdn | None = None
         self._lock = threading.Lock()
+        # Called after every successful login (e.g. to start the background prefetch).
+        self.on_login: list[Callable[[User], None]] = []
 
     def login(self, credentials: Credentials | None = None) -> User:
         user = self.api.login(credentials)
         with self._lock:
             self._cdn = None  # another user may have other CDN keys
+        for listener in self.on_login:
+            listener(user)
         return user
 
     def logout(self) -> None:

@@ -16,6 +16,8 @@ import requests
 from azaiond import credentials, hardware
 from azaiond.account import Account
 from azaiond.apiclient import ResourceApi
+from azaiond.apifiles import ApiFiles
+from azaiond.cache import BigPartCache
 from azaiond.cdn import Cdn, CdnSettings
 from azaiond.config import Config
 from azaiond.errors import AzaionError
@@ -23,6 +25,7 @@ from azaiond.fsutil import private_dir, sweep_temp_files
 from azaiond.handlers import Handlers
 from azaiond.images import DockerImages
 from azaiond.methods import method_table
+from azaiond.prefetch import Prefetcher
 from azaiond.resources import SplitResources
 from azaiond.rpc.table import MethodTable
 from azaiond.tokencache import TokenCache
@@ -52,6 +55,7 @@ class Daemon:
     resources: SplitResources
     unlock: UnlockJob
     session: requests.Session
+    prefetcher: Prefetcher | None = None
     status: StatusLine = field(default_factory=lambda: StatusLine(None))
 
     def status_line(self) -> str:
@@ -76,6 +80,8 @@ class Daemon:
 
     def close(self) -> None:
         """Stop background work and release clients; called once on shutdown."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         self.unlock.close()
         self.session.close()
 
@@ -107,17 +113,21 @@ def build(config: Config, status_line: Callable[[str], None] | None = None) -> D
         )
 
     account = Account(api, make_cdn)
+    cache = BigPartCache(config.cache_dir, config.resources.cache_max_bytes)
     resources = SplitResources(
         api,
         account.cdn,
-        config.cache_dir,
+        cache,
         lambda: credentials.resource_key(config.resources.key),
         small_part_kb=config.resources.small_part_kb,
     )
     report = StatusLine(status_line)
     images = DockerImages(config.docker.base_url, config.docker.timeout)
     unlock = UnlockJob(config, account, images, status_line=report)
-    handlers = Handlers(config, account, resources, unlock)
+    prefetcher = Prefetcher(resources, config.resources.prefetch)
+    account.on_login.append(prefetcher.kick)
+    api_files = ApiFiles(api, config.state_dir, config.resources.api_max_bytes)
+    handlers = Handlers(config, account, resources, unlock, api_files)
     return Daemon(
         config=config,
         table=method_table(handlers),
@@ -126,4 +136,5 @@ def build(config: Config, status_line: Callable[[str], None] | None = None) -> D
         unlock=unlock,
         session=session,
         status=report,
+        prefetcher=prefetcher,
     )
