@@ -67,3 +67,15 @@ def test_cache_and_api_commands(start: Callable[..., DaemonHandle], clean_stack:
     missing = ctl(d, "api-load", unique_name("none"), "--folder", FOLDER, "-o", str(tmp_path / "x"))
     assert missing.returncode == exitcodes.exit_code_for_kind("not_found")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_shipped_conffile_parses_and_documents_the_cache_keys() -> None:
+    from azaiond import config
+
+    path = Path(__file__).resolve().parent.parent / "debian" / "config.yaml"
+    parsed = config.load(path)
+    assert parsed.resources.cache_max_mb == 0 and parsed.resources.prefetch == ()
+    assert parsed.resources.api_max_mb == 64
+    text = path.read_text()
+    for key in ("cache_max_mb:", "prefetch:", "api_max_mb:", "- {folder: models, name: yolo.onnx}"):
+        assert key in text
