@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from azaiond.apifiles import MultipartBody
-from azaiond.devstack import DevStack
 from azaiond.errors import InvalidParams
-from azaiond.refserver.handler import parse_multipart
 from tests.fixtures_daemon import DaemonHandle
 from tests.fixtures_stack import unique_name
+from tests.support.devstack import DevStack
+from tests.support.refserver.handler import parse_multipart
 
 FOLDER = "api-files"
 Factory = Callable[..., DaemonHandle]

@@ -19,10 +19,10 @@ import pytest
 
 from azaiond.cache import BigPartCache
 from azaiond.cdn import SMALL_SHA256
-from azaiond.devstack import DevStack
 from azaiond.errors import Stale
 from tests.fixtures_daemon import DaemonHandle
 from tests.fixtures_stack import unique_name
+from tests.support.devstack import DevStack
 from tests.test_resources import FOLDER, Engine, engine, make_engine
 
 __all__ = ["engine", "make_engine"]  # fixtures used here

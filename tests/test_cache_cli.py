@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from azaiond.cli import exitcodes
-from azaiond.devstack import DevStack
 from tests.fixtures_daemon import DaemonHandle
 from tests.fixtures_stack import unique_name
+from tests.support.devstack import DevStack
 from tests.test_cache_control import FOLDER, ok, start
 
 __all__ = ["start"]  # the fixture used here

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from azaiond.devstack import DevStack
 from tests.fixtures_daemon import DaemonHandle
 from tests.fixtures_stack import unique_name
+from tests.support.devstack import DevStack
 from tests.test_access import NOBODY, as_nobody, req
 from tests.test_resources import free_port
 
