@@ -19,7 +19,7 @@ import pytest
 
 from azaiond.cache import BigPartCache
 from azaiond.cdn import SMALL_SHA256
-from azaiond.errors import Stale
+from azaiond.errors import Stale, UpstreamError
 from tests.fixtures_daemon import DaemonHandle
 from tests.fixtures_stack import unique_name
 from tests.support.devstack import DevStack
@@ -175,3 +175,21 @@ def test_republish_from_a_second_daemon(
     assert "data" not in reply.get("result", {})
     # B's cache holds v3 itself: bound to the current small part, it needs no CDN.
     assert base64.b64decode(_ok(load(b))["data"]) == v3
+
+
+def test_republish_that_fails_half_way(
+    engine: Engine, make_engine: Callable[..., Engine], stack: DevStack
+) -> None:
+    """The new big part reached the CDN, the new small part never reached the API."""
+    old = os.urandom(150_000)
+    engine.upload_bytes("half.bin", old)
+    publisher = make_engine(state="publisher", retries=0)
+    stack.refserver.fail_next(1, f"/resources/{FOLDER}", status=500)
+    with pytest.raises(UpstreamError):
+        publisher.upload_bytes("half.bin", os.urandom(150_000))
+    assert not (publisher.state_dir / "cache" / FOLDER / "half.bin.big").exists()
+    assert engine.load_bytes("half.bin") == old  # its entry is bound to the small part still served
+    assert engine.gets == []
+    cold = make_engine(state="cold")
+    with pytest.raises(Stale):
+        cold.load_bytes("half.bin")  # instead of old head + new tail
