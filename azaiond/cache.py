@@ -67,6 +67,9 @@ class BigPartCache:
         self._pins: Counter[Key] = Counter()
         self._flights: dict[Key, threading.Lock] = {}
         self._warned: set[Path] = set()
+        # Counters since start, for metrics: entries served, fetched, evicted.
+        self.hits = 0
+        self.misses = 0
         self.evictions = 0
         self.rescan()
 

@@ -78,10 +78,18 @@ class Handlers:
         if call.fd is not None:
             require_writable(call.fd, "load")
             result = self._resources.load(name, folder, FdSink(call.fd), call.cancel)
+            self._load_facts(call, result)
             return {"size": result.size, "sha256": result.sha256}
         buffer = CappedBuffer(self._inline_limit)
         result = self._resources.load(name, folder, buffer, call.cancel)
+        self._load_facts(call, result)
         return {"size": result.size, "sha256": result.sha256, "data": _b64(buffer.buffer)}
+
+    @staticmethod
+    def _load_facts(call: Call, result: LoadResult) -> None:
+        call.facts["bytes"] = result.size
+        if result.cache_hit is not None:
+            call.facts["cache"] = "hit" if result.cache_hit else "miss"
 
     def prefetch(self, call: Call) -> Result:
         name, folder = call.params["name"], call.params["folder"]
@@ -105,9 +113,11 @@ class Handlers:
         if call.fd is not None:
             require_writable(call.fd, "api_load")
             result = self._api_files.load(name, folder, FdSink(call.fd), call.cancel)
+            call.facts["bytes"] = result.size
             return {"size": result.size, "sha256": result.sha256}
         buffer = CappedBuffer(self._inline_limit)
         result = self._api_files.load(name, folder, buffer, call.cancel)
+        call.facts["bytes"] = result.size
         return {"size": result.size, "sha256": result.sha256, "data": _b64(buffer.buffer)}
 
     # -- admin ---------------------------------------------------------------------------

@@ -22,6 +22,7 @@ docs/security.md.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -55,6 +56,7 @@ class Input(Protocol):
 class LoadResult:
     size: int
     sha256: str
+    cache_hit: bool | None = None  # split resources: the big part came from the cache
 
 
 @dataclass(frozen=True)
@@ -129,9 +131,12 @@ class SplitResources:
         or absent.
         """
         where = f"{folder}/{name}"
-        self._cdn().download_to(
-            folder, f"{name}.big", dest, expect=lambda info: check_binding(info, fingerprint, where)
-        )
+
+        def expect(info: ObjectInfo) -> None:
+            check_binding(info, fingerprint, where)
+            self.cache.evict(room=info.size)  # make room first: the disk may be small
+
+        self._cdn().download_to(folder, f"{name}.big", dest, expect=expect)
 
     def _open_big(
         self, name: str, folder: str, fingerprint: str, bad: os.stat_result | None = None
@@ -146,15 +151,26 @@ class SplitResources:
             if handle is not None:
                 st = os.fstat(handle.fileno())
                 if bad is None or (st.st_dev, st.st_ino) != (bad.st_dev, bad.st_ino):
+                    self.cache.hits += 1
                     return handle, False
                 handle.close()
             self.cache.fill(
                 folder, name, fingerprint, lambda dest: self.fetch_big_part(folder, name, fingerprint, dest)
             )
+            self.cache.misses += 1
             handle = self.cache.open_valid(folder, name, fingerprint)
             if handle is None:
                 raise StorageError(f"the cache entry {self.cache.path(folder, name)} vanished as it was written")
             return handle, True
+
+    # The big-part cache as other formats' loaders use it: by small part, binding included.
+    # Run such a load inside ``self.cache.pinned(folder, name)`` so its entry is not evicted.
+    def open_big(self, name: str, folder: str, small: bytes) -> tuple[IO[bytes], bool]:
+        """The cached big part bound to ``small``, opened (fetched first if missing or stale)."""
+        return self._open_big(name, folder, small_fingerprint(small))
+
+    def drop_big(self, name: str, folder: str) -> None:
+        self._drop(name, folder)
 
     def _drop(self, name: str, folder: str) -> None:
         with self.cache.flight(folder, name):
@@ -186,7 +202,8 @@ class SplitResources:
                         self._drop(name, folder)
                         raise
                 try:
-                    return self._decrypt(small, big, key, sink, cancel)
+                    result = self._decrypt(small, big, key, sink, cancel)
+                    return dataclasses.replace(result, cache_hit=not fetched)
                 except IntegrityError:
                     # The tail was vetted, so the file changed under us; never trust it again.
                     self._drop(name, folder)

@@ -50,11 +50,16 @@ def test_entry_without_fingerprint_is_refetched_once(engine: Engine) -> None:
     data = os.urandom(150_000)
     engine.upload_bytes("legacy.bin", data)
     _sidecar(engine, "legacy.bin").unlink()  # as cached before the binding existed
+    cache = engine.resources.cache
     assert engine.load_bytes("legacy.bin") == data
     assert len(engine.gets) == 1
+    assert (cache.hits, cache.misses) == (0, 1)
     assert _sidecar(engine, "legacy.bin").exists()
-    assert engine.load_bytes("legacy.bin") == data
+    out = io.BytesIO()
+    assert engine.resources.load("legacy.bin", FOLDER, out).cache_hit is True
+    assert out.getvalue() == data
     assert len(engine.gets) == 1  # bound now: a hit
+    assert (cache.hits, cache.misses) == (1, 1)
 
 
 BAD_SIDECARS = [
