@@ -198,3 +198,27 @@ def test_republish_that_fails_half_way(
     cold = make_engine(state="cold")
     with pytest.raises(Stale):
         cold.load_bytes("half.bin")  # instead of old head + new tail
+
+
+def _put(cache: BigPartCache, name: str, size: int) -> None:
+    staged = cache.staging("models", name)
+    staged.write_bytes(b"x" * size)
+    with cache.flight("models", name):
+        cache.install("models", name, "0" * 64, staged)
+
+
+def test_lru_order_pins_and_room(tmp_path: Any) -> None:
+    cache = BigPartCache(tmp_path, limit_bytes=1000)
+    _put(cache, "a", 400)
+    _put(cache, "b", 400)
+    cache.touch("models", "a")  # b is now the least recently used
+    with cache.pinned("models", "b"):
+        _put(cache, "c", 400)  # over the limit: b is pinned, so a goes although it is newer
+        assert {e.name for e in cache.entries()} == {"b", "c"}
+        assert cache.evict(room=900) == 1  # c goes; the pinned b stays
+        assert {e.name for e in cache.entries()} == {"b"}
+    assert cache.total_bytes == 400 and cache.evictions == 2
+    assert not cache.sidecar("models", "a").exists() and not cache.path("models", "a").exists()
+    cache.set_limit(100)  # lowered (a reload): b is no longer in use, so it goes
+    assert cache.entries() == [] and cache.total_bytes == 0
+    assert BigPartCache(tmp_path).total_bytes == 0  # a fresh scan agrees with the index
