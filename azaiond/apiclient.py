@@ -1,4 +1,4 @@
-"""Client of the vendor's Resource API (SPEC section 5) on a ``requests.Session`` passed in.
+"""Client of the vendor's Resource API (docs/formats.md, Resource API) on a ``requests.Session`` passed in.
 
 - JWTs are decoded without verifying the signature (the server is trusted over TLS), but
   ``exp`` is honoured: a token is refreshed shortly before it expires.
@@ -6,17 +6,28 @@
 - 5xx and connection errors: ``retries`` more attempts with exponential backoff and jitter.
   4xx are final.
 - One lock guards the token, so concurrent first calls log in once (the seeds' singleton race).
+  That lock is held across network I/O, so nothing on the event loop ever takes it: ``authenticated``
+  and ``user`` read an immutable snapshot that is replaced after each change.
+- Every logical call (a login, a resource fetch with its retries and its body) has a wall-clock
+  deadline (``api.deadline``), enforced on the socket by ``azaiond.transport``: a hung or
+  1 byte/s API ends in ``upstream`` within it. A body cut short is ``upstream`` too.
+- Login backoff: once the API refuses the stored credentials (those of an earlier ``login`` or
+  of the login credential), no implicit login is tried for a growing interval; calls answer
+  ``not_authenticated`` at once meanwhile. An explicit ``login`` resets it. So a burst of loads
+  can never hammer the vendor's login and lock the account.
 
 Neither the password nor the token ever appears in a log line or an exception message.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
@@ -33,6 +44,7 @@ from azaiond.errors import (
     UpstreamError,
 )
 from azaiond.tokencache import CachedToken, TokenCache
+from azaiond.transport import Deadline, current_deadline, deadline_scope
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +85,7 @@ def _server_message(resp: requests.Response) -> tuple[object, str]:
     """ErrorCode and Message of an error body, or the status text when there is none."""
     try:
         body = resp.json()
-    except ValueError:
+    except (ValueError, requests.RequestException):  # not JSON, or a body cut short
         return None, resp.reason or f"HTTP {resp.status_code}"
     if isinstance(body, dict):
         code = body.get("ErrorCode", body.get("errorCode"))
@@ -85,12 +97,28 @@ def _server_message(resp: requests.Response) -> tuple[object, str]:
 def _read_capped(resp: requests.Response, limit: int = MAX_SMALL_BODY) -> bytes:
     chunks: list[bytes] = []
     total = 0
-    for chunk in resp.iter_content(64 * 1024):
-        total += len(chunk)
-        if total > limit:
-            raise UpstreamError("the Resource API sent an oversized body", status=resp.status_code)
-        chunks.append(chunk)
+    try:
+        for chunk in resp.iter_content(64 * 1024):
+            total += len(chunk)
+            if total > limit:
+                raise UpstreamError("the Resource API sent an oversized body", status=resp.status_code)
+            chunks.append(chunk)
+    except requests.RequestException as exc:
+        deadline = current_deadline()
+        if deadline is not None and deadline.expired():
+            raise UpstreamError("the Resource API did not send the whole body before the deadline") from exc
+        raise UpstreamError(f"the Resource API broke off the body ({type(exc).__name__})") from exc
+    finally:
+        resp.close()
     return b"".join(chunks)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """What the event loop may read without a lock: replaced whole, never changed in place."""
+
+    token: CachedToken | None = None
+    verified: bool = False  # the API accepted the credentials held in memory
 
 
 class ResourceApi:
@@ -105,6 +133,9 @@ class ResourceApi:
         retries: int = 3,
         timeout: float = 30.0,
         backoff: float = 0.5,
+        deadline: float = 60.0,
+        login_backoff: float = 10.0,
+        login_backoff_max: float = 900.0,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -117,27 +148,40 @@ class ResourceApi:
         self._retries = retries
         self._timeout = timeout
         self._backoff = backoff
+        self._deadline = deadline
+        self._login_backoff = login_backoff
+        self._login_backoff_max = login_backoff_max
+        self._refused_until = 0.0  # monotonic; implicit logins wait until then
+        self._refusals = 0
         self._sleep = sleep
         self._clock = clock
         self._lock = threading.RLock()
         self._credentials: Credentials | None = None
         self._token: CachedToken | None = token_cache.load() if token_cache else None
         self._verified = False  # the API accepted our credentials at least once
+        self._snap = _Snapshot(self._token)
 
-    # -- state ---------------------------------------------------------------------------
+    # -- state (lock-free: the event loop reads these) -----------------------------------
+
+    def _publish(self) -> None:
+        """Replace the snapshot; called with the lock held, after every change of state."""
+        self._snap = _Snapshot(self._token, self._credentials is not None and self._verified)
 
     @property
     def user(self) -> User | None:
-        token = self._token
+        token = self._snap.token
         return User(token.email, token.role) if token else None
 
     @property
     def authenticated(self) -> bool:
-        with self._lock:
-            if self._credentials is not None and self._verified:
-                return True
-            token = self._token
-            return token is not None and token.exp > self._clock()
+        snap = self._snap
+        if snap.verified:
+            return True
+        return snap.token is not None and snap.token.exp > self._clock()
+
+    def login_backoff_left(self) -> float:
+        """Seconds until an implicit login may be tried again (0 when it may now)."""
+        return max(0.0, self._refused_until - time.monotonic())
 
     def credentials(self) -> Credentials | None:
         """The credentials of the last ``login``, else those of the login credential file."""
@@ -149,36 +193,79 @@ class ResourceApi:
             self._credentials = None
             self._token = None
             self._verified = False
+            self._publish()
+            self._refused_until, self._refusals = 0.0, 0
             if self._cache:
                 self._cache.clear()
 
     # -- login ---------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[Deadline]:
+        """The deadline of one logical call; a nested call (a login inside a fetch) keeps the outer one."""
+        outer = current_deadline()
+        if outer is not None:
+            yield outer
+            return
+        with deadline_scope(Deadline.after(self._deadline)) as deadline:
+            yield deadline
+
+    def _refuse_implicit(self) -> None:
+        """Start or grow the backoff after the stored credentials were refused."""
+        interval = min(self._login_backoff_max, self._login_backoff * (2 ** min(self._refusals, 30)))
+        self._refusals += 1
+        self._refused_until = time.monotonic() + interval
+        log.warning("the Resource API refused the stored login; no new login for %.0fs (an admin's login call"
+                    " retries at once)", interval)
+
     def login(self, credentials: Credentials | None = None) -> User:
-        """Log in with ``credentials`` (kept in memory on success) or the fallback ones."""
-        with self._lock:
+        """Log in with ``credentials`` (kept in memory on success) or the stored ones.
+
+        A login with stored credentials (``credentials`` None) is refused at once while the
+        backoff after a refusal runs; an explicit login resets the backoff.
+        """
+        implicit = credentials is None
+        if implicit and self.login_backoff_left() > 0:  # checked before the lock: answer at once
+            raise NotAuthenticated(
+                f"the Resource API refused the stored login; retrying in {self.login_backoff_left():.0f}s"
+                " (or call login)"
+            )
+        with self._lock, self._call():
+            if implicit and self.login_backoff_left() > 0:
+                raise NotAuthenticated("the Resource API refused the stored login; call login")
+            if not implicit:
+                self._refused_until, self._refusals = 0.0, 0
             creds = credentials or self.credentials()
             if creds is None:
                 raise NotAuthenticated("no credentials: call login, or install the 'login' credential")
             resp = self._send("POST", "/login", json={"email": creds.email, "password": creds.password})
             if resp.status_code in (400, 401, 403, 404, 409):
                 _, message = _server_message(resp)
-                raise NotAuthenticated(f"the Resource API refused the login for {creds.email}: {message}")
+                resp.close()
+                if implicit:
+                    self._refuse_implicit()
+                # Never the email: members see this error when their load triggers a login.
+                message = message.replace(creds.email, "<email>")
+                raise NotAuthenticated(f"the Resource API refused the login: {message}")
             self._check(resp, "login")
             try:
-                token = resp.json()["token"]
-                claims = jwt.decode(token, options={"verify_signature": False, "verify_exp": False})
+                token = _read_capped(resp)
+                token_text = json.loads(token)["token"]
+                claims = jwt.decode(token_text, options={"verify_signature": False, "verify_exp": False})
             except (ValueError, KeyError, TypeError, jwt.PyJWTError) as exc:
                 raise UpstreamError("the Resource API sent an unreadable login token") from exc
             role = next((str(claims[c]) for c in ROLE_CLAIMS if c in claims), "User")
             exp = float(claims.get("exp", self._clock() + 3600))
-            self._token = CachedToken(token=token, exp=exp, email=str(claims.get("email", creds.email)), role=role)
+            email = str(claims.get("email", creds.email))
+            self._token = CachedToken(token=token_text, exp=exp, email=email, role=role)
             self._credentials = creds
             self._verified = True
+            self._refused_until, self._refusals = 0.0, 0
+            self._publish()
             if self._cache:
                 self._cache.save(self._token)
-            log.info("logged in as %s (role %s)", self._token.email, role)
-            return User(self._token.email, role)
+            log.info("logged in as %s (role %s)", email, role)
+            return User(email, role)
 
     def _bearer(self) -> str:
         """A token that is not about to expire, logging in when needed and possible."""
@@ -199,30 +286,43 @@ class ResourceApi:
     def _send(
         self, method: str, path: str, rewind: Callable[[], bool] | None = None, **kwargs: Any
     ) -> requests.Response:
-        """One logical request: retried on 5xx and connection errors, with backoff and jitter.
-
-        A streamed body is sent again only if ``rewind()`` puts it back at its start.
-        """
+        """One logical request: retried on 5xx and connection errors, with backoff and jitter,
+        all within the call's deadline. A streamed body is sent again only if ``rewind()`` puts
+        it back at its start."""
         if not self._url:
             raise UpstreamError("api.url is not configured")
         url = self._url + path
         last: str = ""
-        for attempt in range(self._retries + 1):
-            if attempt and rewind is not None and not rewind():
-                raise UpstreamError(f"the Resource API failed ({last}) and the streamed input cannot be sent again")
-            if attempt:
-                delay = self._backoff * (2 ** (attempt - 1)) * random.uniform(0.5, 1.5)  # noqa: S311
-                log.warning("Resource API %s %s failed (%s); retry %d in %.2fs", method, path, last, attempt, delay)
-                self._sleep(delay)
-            try:
-                resp = self._session.request(method, url, timeout=self._timeout, stream=True, **kwargs)
-            except requests.RequestException as exc:
-                last = type(exc).__name__
-                continue
-            if resp.status_code < 500:
-                return resp
-            last = f"HTTP {resp.status_code}"
-            resp.close()
+        with self._call() as deadline:
+            for attempt in range(self._retries + 1):
+                if attempt and rewind is not None and not rewind():
+                    raise UpstreamError(
+                        f"the Resource API failed ({last}) and the streamed input cannot be sent again"
+                    )
+                if attempt:
+                    delay = self._backoff * (2 ** (attempt - 1)) * random.uniform(0.5, 1.5)  # noqa: S311
+                    if delay >= deadline.remaining():
+                        break
+                    log.warning("Resource API %s %s failed (%s); retry %d in %.2fs",
+                                method, path, last, attempt, delay)
+                    self._sleep(delay)
+                if deadline.expired():
+                    break
+                timeout = deadline.timeout(self._timeout)
+                try:
+                    resp = self._session.request(method, url, timeout=timeout, stream=True, **kwargs)
+                except requests.RequestException as exc:
+                    last = type(exc).__name__
+                    continue
+                if resp.status_code < 500:
+                    return resp
+                last = f"HTTP {resp.status_code}"
+                resp.close()
+            if deadline.expired() or attempt < self._retries:
+                raise UpstreamError(
+                    f"the Resource API did not answer {method} {path} within the deadline"
+                    f" ({self._deadline:g}s){': ' + last if last else ''}"
+                )
         raise UpstreamError(f"the Resource API failed after {self._retries + 1} attempts: {last}")
 
     def _authed(
@@ -242,6 +342,7 @@ class ResourceApi:
                 with self._lock:
                     if self.credentials() is None:
                         self._token = None
+                        self._publish()
                         raise NotAuthenticated("the Resource API refused the cached token; log in again")
                     self.login()
         if resp.status_code == 403:
@@ -263,8 +364,9 @@ class ResourceApi:
 
     def get_resource(self, folder: str, filename: str) -> bytes:
         """``POST /resources/get/{folder}``, decrypted with this user's and machine's api_key."""
-        resp, key = self._open_resource(folder, filename)
-        return crypto.decrypt_bytes(_read_capped(resp), key)
+        with self._call():
+            resp, key = self._open_resource(folder, filename)
+            return crypto.decrypt_bytes(_read_capped(resp), key)
 
     def fetch_resource(self, folder: str, filename: str, sink: IO[bytes], limit: int) -> bytes:
         """Stream the still encrypted body of ``POST /resources/get/{folder}`` into ``sink``.
@@ -272,24 +374,28 @@ class ResourceApi:
         At most ``limit`` bytes are taken (else ``UpstreamError``). Returns the AES key that
         decrypts it (this user's and machine's api_key).
         """
-        resp, key = self._open_resource(folder, filename)
-        try:
-            total = 0
-            for chunk in resp.iter_content(1024 * 1024):
-                total += len(chunk)
-                if total > limit:
-                    raise UpstreamError(
-                        f"{folder}/{filename} on the Resource API is over resources.api_max_mb", status=resp.status_code
-                    )
-                try:
-                    sink.write(chunk)
-                except OSError as exc:
-                    raise StorageError(f"cannot spool {folder}/{filename} in the state dir: {exc.strerror}") from exc
-        except requests.RequestException as exc:
-            raise UpstreamError(f"the Resource API broke off {folder}/{filename} ({type(exc).__name__})") from exc
-        finally:
-            resp.close()
-        return key
+        with self._call():
+            resp, key = self._open_resource(folder, filename)
+            try:
+                total = 0
+                for chunk in resp.iter_content(1024 * 1024):
+                    total += len(chunk)
+                    if total > limit:
+                        raise UpstreamError(
+                            f"{folder}/{filename} on the Resource API is over resources.api_max_mb",
+                            status=resp.status_code,
+                        )
+                    try:
+                        sink.write(chunk)
+                    except OSError as exc:
+                        raise StorageError(
+                            f"cannot spool {folder}/{filename} in the state dir: {exc.strerror}"
+                        ) from exc
+            except requests.RequestException as exc:
+                raise UpstreamError(f"the Resource API broke off {folder}/{filename} ({type(exc).__name__})") from exc
+            finally:
+                resp.close()
+            return key
 
     def _open_resource(self, folder: str, filename: str) -> tuple[requests.Response, bytes]:
         creds = self.credentials()
@@ -305,7 +411,8 @@ class ResourceApi:
             code, message = _server_message(resp)
             resp.close()
             raise HardwareMismatch(
-                f"{what}: the Resource API says this machine is not the one {creds.email} is bound to: {message}",
+                f"{what}: the Resource API says this machine is not the one the account is bound to: "
+                f"{message.replace(creds.email, '<email>')}",
                 status=409,
                 error_code=code,
             )
@@ -315,21 +422,24 @@ class ResourceApi:
     def upload(self, folder: str, filename: str, data: bytes) -> None:
         """``POST /resources/{folder}`` as multipart, field ``data``."""
         files = {"data": (filename, data, "application/octet-stream")}
-        resp = self._authed("POST", f"/resources/{folder}", files=files)
-        self._check(resp, f"upload of {folder}/{filename}")
-        resp.close()
+        with self._call():
+            resp = self._authed("POST", f"/resources/{folder}", files=files)
+            self._check(resp, f"upload of {folder}/{filename}")
+            resp.close()
 
     def upload_stream(self, folder: str, body: StreamBody) -> None:
         """``POST /resources/{folder}`` with a multipart body that streams (see apifiles)."""
         headers = {"Content-Type": body.content_type}
-        resp = self._authed("POST", f"/resources/{folder}", body.rewind, data=body, headers=headers)
-        self._check(resp, f"upload of {folder}/{body.filename}")
-        resp.close()
+        with self._call():
+            resp = self._authed("POST", f"/resources/{folder}", body.rewind, data=body, headers=headers)
+            self._check(resp, f"upload of {folder}/{body.filename}")
+            resp.close()
 
     def key_fragment(self) -> bytes:
-        resp = self._authed("GET", "/binary-split/key-fragment")
-        self._check(resp, "key fragment")
-        return _read_capped(resp)
+        with self._call():
+            resp = self._authed("GET", "/binary-split/key-fragment")
+            self._check(resp, "key fragment")
+            return _read_capped(resp)
 
     def cdn_yaml(self) -> bytes:
         return self.get_resource("", "cdn.yaml")

@@ -1,7 +1,7 @@
 """The S3-compatible CDN: a read client and a write client, each with its own key pair.
 
 The read keys serve downloads and the write keys serve uploads, never the other way round
-(SPEC section 6). Transfers stream: uploads go through boto3's multipart transfer from a file
+(docs/formats.md, split resources). Transfers stream: uploads go through boto3's multipart transfer from a file
 object, downloads land in a temp file that is fsynced and renamed into place, so a crash never
 leaves a half entry that a later load would trust. botocore's exceptions are translated here.
 """
@@ -19,13 +19,26 @@ import boto3
 import boto3.exceptions
 import botocore.config
 import botocore.exceptions
+import s3transfer.exceptions
+import urllib3.exceptions
 import yaml
 from boto3.s3.transfer import TransferConfig
 
 from azaiond.cdn_upload import GrowingFileUpload
-from azaiond.errors import CdnError, NotFound, UpstreamError
+from azaiond.errors import AzaionError, CdnError, NotFound, UpstreamError
 from azaiond.fsutil import atomic_file
 from azaiond.names import check_bucket, check_name
+from azaiond.transport import BotoSender
+
+# What a transfer may raise besides our own errors: all of it means the CDN failed.
+_TRANSFER_ERRORS = (
+    botocore.exceptions.BotoCoreError,
+    botocore.exceptions.ClientError,
+    boto3.exceptions.Boto3Error,
+    s3transfer.exceptions.RetriesExceededError,
+    s3transfer.exceptions.S3UploadFailedError,
+    urllib3.exceptions.HTTPError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +86,15 @@ class ObjectInfo:
     metadata: Mapping[str, str]
 
 
-def botocore_config(retries: int) -> botocore.config.Config:
+def botocore_config(retries: int, timeout: float = 60.0) -> botocore.config.Config:
     options: dict[str, Any] = {
         "retries": {"max_attempts": retries + 1, "mode": "standard"},
         "signature_version": "s3v4",
         "s3": {"addressing_style": "path"},
-        "connect_timeout": 10,
-        "read_timeout": 60,
+        "connect_timeout": min(10.0, timeout),
+        "read_timeout": timeout,
     }
-    # boto3 >= 1.36 sends checksums that many S3-compatible stores refuse (NOTES.md); older
+    # boto3 >= 1.36 sends checksums that many S3-compatible stores refuse; older
     # botocore (Debian's 1.29) has neither the behaviour nor the option.
     if "request_checksum_calculation" in botocore.config.Config.OPTION_DEFAULTS:
         options["request_checksum_calculation"] = "when_required"
@@ -93,6 +106,26 @@ def _endpoint(host: str) -> str:
     return host if host.startswith(("http://", "https://")) else f"https://{host}"
 
 
+class RangeReader:
+    """The body of a ranged GET with ``readinto``; transfer failures become ``CdnError``."""
+
+    def __init__(self, body: Any, length: int, endpoint: str) -> None:
+        self._body = body
+        self.length = length
+        self._endpoint = endpoint
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        try:
+            data = self._body.read(len(buffer))
+        except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise CdnError(f"the transfer from the CDN at {self._endpoint} broke off") from exc
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._body.close()
+
+
 class Cdn:
     def __init__(
         self,
@@ -101,11 +134,14 @@ class Cdn:
         endpoint: str | None = None,
         retries: int = 3,
         multipart_chunk_mb: int = 8,
+        timeout: float = 60.0,
+        deadline: float = 300.0,
         session: boto3.session.Session | None = None,
+        on_writer: Callable[[Any], None] = lambda client: None,
     ) -> None:
         session = session or boto3.session.Session()
         self.endpoint = endpoint or _endpoint(settings.host)
-        config = botocore_config(retries)
+        config = botocore_config(retries, timeout)
         common: dict[str, Any] = {"endpoint_url": self.endpoint, "region_name": "us-east-1", "config": config}
         self._reader = session.client(
             "s3",
@@ -119,17 +155,40 @@ class Cdn:
             aws_secret_access_key=settings.uploader_access_secret,
             **common,
         )
+        # Every HTTP request to the CDN goes out through our own pool, which holds each request
+        # to a wall-clock deadline (a socket timeout alone never ends a 1 byte/s transfer).
+        self._sender = BotoSender(deadline, connect_timeout=min(10.0, timeout), read_timeout=timeout)
+        for client in (self._reader, self._writer):
+            client.meta.events.register("before-send.s3", self._sender)
+        on_writer(self._writer)
         chunk = multipart_chunk_mb * 1024 * 1024
         self._part_size = chunk
         # Files named by path and seekable sinks stream part by part. A plain file object or a
         # pipe makes s3transfer hold whole parts (or out-of-order parts) in memory, so those get
         # one part at a time to keep memory flat.
-        self._transfer = TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk, max_concurrency=10)
+        attempts = retries + 1  # s3transfer's own retries of a broken-off download, as botocore's
+        self._transfer = TransferConfig(
+            multipart_threshold=chunk, multipart_chunksize=chunk, max_concurrency=10, num_download_attempts=attempts
+        )
         self._serial = TransferConfig(
-            multipart_threshold=chunk, multipart_chunksize=chunk, max_concurrency=1, use_threads=False
+            multipart_threshold=chunk,
+            multipart_chunksize=chunk,
+            max_concurrency=1,
+            use_threads=False,
+            num_download_attempts=attempts,
         )
 
+    @property
+    def writer(self) -> Any:
+        """The client with the write keys (for cleaning up orphan multipart uploads)."""
+        return self._writer
+
     def _translate(self, exc: Exception, action: str, bucket: str, key: str) -> Exception:
+        if isinstance(exc, AzaionError):  # ours already (a full disk under a download: storage)
+            return exc
+        return self._foreign(exc, action, bucket, key)
+
+    def _foreign(self, exc: Exception, action: str, bucket: str, key: str) -> Exception:
         where = f"{bucket}/{key}"
         if isinstance(exc, boto3.exceptions.S3UploadFailedError):
             # boto3 wraps the ClientError of a failed upload; judge by the original.
@@ -144,8 +203,9 @@ class Cdn:
                 keys = "read" if action == "download" else "write"
                 return CdnError(f"the CDN refused the {keys} keys for {action} of {where} ({code})")
             return CdnError(f"the CDN failed the {action} of {where} ({code or 'error'})")
-        if isinstance(exc, botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectionError):
+        if isinstance(exc, botocore.exceptions.EndpointConnectionError):
             return CdnError(f"the CDN at {self.endpoint} is unreachable")
+        # Broken-off transfers, timeouts and deadlines, after botocore's and s3transfer's retries.
         return CdnError(f"the CDN failed the {action} of {where} ({type(exc).__name__})")
 
     def download_into(self, bucket: str, key: str, sink: IO[bytes] | io.RawIOBase) -> int:
@@ -156,9 +216,19 @@ class Cdn:
         try:
             config = self._transfer if sink.seekable() else self._serial
             self._reader.download_fileobj(bucket, key, sink, Config=config)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        except _TRANSFER_ERRORS as exc:
             raise self._translate(exc, "download", bucket, key) from exc
         return sink.tell() - start if sink.seekable() else -1
+
+    def read_from(self, bucket: str, key: str, offset: int) -> RangeReader:
+        """The object's bytes from ``offset`` to its end, as a readable stream (one ranged GET)."""
+        check_bucket(bucket)
+        check_name(key, "key")
+        try:
+            resp = self._reader.get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-")
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._translate(exc, "download", bucket, key) from exc
+        return RangeReader(resp["Body"], int(resp.get("ContentLength", -1)), self.endpoint)
 
     def head(self, bucket: str, key: str) -> ObjectInfo:
         """Size, ETag and metadata of an object, with the read keys."""
@@ -224,12 +294,7 @@ class Cdn:
         check_name(key, "key")
         try:
             transfer()
-        except (
-            botocore.exceptions.BotoCoreError,
-            botocore.exceptions.ClientError,
-            boto3.exceptions.Boto3Error,
-            ValueError,
-        ) as exc:
+        except (*_TRANSFER_ERRORS, ValueError) as exc:
             raise self._translate(exc, "upload", bucket, key) from exc
         except OSError as exc:
             raise CdnError(f"reading the input for {bucket}/{key} failed: {exc.strerror}") from exc

@@ -1,4 +1,4 @@
-"""The JSON-RPC client for azaiond's Unix socket (SPEC section 7).
+"""The JSON-RPC client for azaiond's Unix socket (docs/protocol.md).
 
 One request is one line of JSON; a request may carry one file descriptor (SCM_RIGHTS), sent
 with the first bytes of that request. The client keeps its connection for many calls (polling
@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, cast
 
@@ -38,6 +39,20 @@ STANDARD_KINDS: dict[int, str] = {
     -32602: InvalidParams.kind,
     -32603: "internal",
 }
+
+
+# Called with (done, total) for each progress notification of a call; total None when unknown.
+ProgressCallback = Callable[[int, "int | None"], None]
+
+
+def _report(params: Any, request_id: int, progress: ProgressCallback) -> None:
+    """Hand a progress notification to the caller's callback, if it is well-formed and ours."""
+    if not isinstance(params, dict) or params.get("id") != request_id:
+        return
+    done, total = params.get("done"), params.get("total")
+    if type(done) is not int or not (total is None or type(total) is int):
+        return
+    progress(done, total)
 
 
 def default_socket_path() -> str:
@@ -218,9 +233,17 @@ class Client:
         self._buffer.clear()
 
     def call(
-        self, method: str, params: dict[str, Any] | None = None, fd: int | None = None
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        fd: int | None = None,
+        progress: ProgressCallback | None = None,
     ) -> dict[str, Any]:
         """Send one request (with ``fd`` passed along, if given) and return its ``result``.
+
+        With ``progress``, the request asks the daemon for progress notifications, and
+        ``progress(done, total)`` is called for each one that arrives before the reply (total
+        None while unknown). Long methods report bytes moved; others may report nothing.
 
         Raises RpcError for an error reply, DaemonUnavailable when the socket cannot be reached,
         ProtocolError when the connection breaks or the reply is malformed.
@@ -229,12 +252,14 @@ class Client:
         request_id = self._next_id
         self._next_id += 1
         request: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": request_id}
+        if progress is not None:
+            params = {**(params or {}), "progress": True}
         if params is not None:
             request["params"] = params
         line = json.dumps(request, separators=(",", ":")).encode() + b"\n"
         try:
             self._send(line, fd)
-            reply = self._read_reply(request_id)
+            reply = self._read_reply(request_id, progress)
         except BaseException:
             # A half-sent request or a half-read reply leaves the stream out of step; start over
             # on the next call rather than read a stale answer.
@@ -286,7 +311,7 @@ class Client:
                 raise ProtocolError("the daemon closed the connection without a reply")
             self._buffer += chunk
 
-    def _read_reply(self, request_id: int) -> dict[str, Any]:
+    def _read_reply(self, request_id: int, progress: ProgressCallback | None = None) -> dict[str, Any]:
         while True:
             line = self._read_line()
             if not line.strip():
@@ -298,7 +323,9 @@ class Client:
             if not isinstance(reply, dict):
                 raise ProtocolError("the daemon sent a reply that is not an object")
             if "id" not in reply:
-                continue  # a notification; the protocol defines none for clients yet, skip it
+                if progress is not None and reply.get("method") == "progress":
+                    _report(reply.get("params"), request_id, progress)
+                continue  # a notification we did not ask for: skip it
             if reply["id"] == request_id or (reply["id"] is None and "error" in reply):
                 return reply
             raise ProtocolError(f"the daemon answered request {reply['id']!r}, expected {request_id}")

@@ -1,4 +1,4 @@
-"""The daemon's configuration (SPEC section 3), read once into frozen, typed objects.
+"""The daemon's configuration (docs/formats.md, config keys), read once into frozen, typed objects.
 
 Every error names the file, the key and what is wrong with its value. Unknown keys are errors
 too, so a misspelt key never silently falls back to a default.
@@ -27,6 +27,9 @@ class ApiConfig:
     retries: int = 3
     timeout: float = 30.0  # seconds per HTTP request (connect and each read)
     backoff: float = 0.5  # seconds; attempt k waits backoff * 2**k * jitter
+    deadline: float = 60.0  # seconds for one call: every attempt, backoff and the body
+    login_backoff: float = 10.0  # seconds without implicit logins after the first refusal
+    login_backoff_max: float = 900.0  # the interval doubles per refusal up to this
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,20 @@ class SocketConfig:
     group: str | None = "azaion"
     admin_groups: tuple[str, ...] = ("azaion-admin",)
     max_message_mb: int = 32
+    # Limits that keep one member from taking the daemon from everyone (docs/security.md).
+    max_connections: int = 256  # open connections in all, root's not counted
+    max_connections_per_uid: int = 32
+    max_buffered_mb: int = 96  # unfinished-message bytes held for all connections together
+    idle_timeout: float = 300.0  # seconds a connection may wait between complete messages
+    stall_timeout: float = 30.0  # seconds a transfer on a caller's descriptor or socket may stall
 
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * MIB
+
+    @property
+    def max_buffered_bytes(self) -> int:
+        return self.max_buffered_mb * MIB
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,10 @@ class ResourcesConfig:
     # (folder, name) of resources whose big parts are fetched into the cache once logged in
     prefetch: tuple[tuple[str, str], ...] = ()
     api_max_mb: int = 64  # largest whole-file API resource api_load takes and api_upload buffers
+    format: int = 1  # what upload writes when the call does not say: 1 (the seed's) or 2
+    # Chunk size of format v2 as a power of two. Publishers write 20 (1 MiB); smaller values
+    # exist so tests can cross many chunk boundaries with small resources.
+    v2_chunk_log2: int = 20
 
     @property
     def inline_limit_bytes(self) -> int:
@@ -69,6 +86,8 @@ class CdnConfig:
     endpoint: str | None = None
     retries: int = 3
     multipart_chunk_mb: int = 8  # boto3's own default part size
+    timeout: float = 60.0  # seconds per socket operation (connect, each read)
+    deadline: float = 300.0  # seconds for one HTTP request to the CDN (a part, a range, a small object)
 
 
 @dataclass(frozen=True)
@@ -104,6 +123,10 @@ class Config:
     @property
     def token_path(self) -> Path:
         return self.state_dir / "token.json"
+
+    @property
+    def generations_path(self) -> Path:
+        return self.state_dir / "generations.json"
 
     @property
     def unlock_state_path(self) -> Path:
@@ -229,6 +252,11 @@ def parse(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
         retries=r.take("retries", d.api.retries, _int(0, 10), "an integer 0-10"),
         timeout=r.take("timeout", d.api.timeout, _float(0.1, 3600), "seconds, 0.1-3600"),
         backoff=r.take("backoff", d.api.backoff, _float(0, 60), "seconds, 0-60"),
+        deadline=r.take("deadline", d.api.deadline, _float(0.1, 86400), "seconds, 0.1-86400"),
+        login_backoff=r.take("login_backoff", d.api.login_backoff, _float(0, 86400), "seconds, 0-86400"),
+        login_backoff_max=r.take(
+            "login_backoff_max", d.api.login_backoff_max, _float(0, 86400), "seconds, 0-86400"
+        ),
     )
     r.done()
 
@@ -238,6 +266,13 @@ def parse(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
         group=r.take("group", d.socket.group, _str, "a group name"),
         admin_groups=r.take("admin_groups", d.socket.admin_groups, _str_list, "a list of group names"),
         max_message_mb=r.take("max_message_mb", d.socket.max_message_mb, _int(1, 1024), "MiB, 1-1024"),
+        max_connections=r.take("max_connections", d.socket.max_connections, _int(1, 65536), "an integer 1-65536"),
+        max_connections_per_uid=r.take(
+            "max_connections_per_uid", d.socket.max_connections_per_uid, _int(1, 65536), "an integer 1-65536"
+        ),
+        max_buffered_mb=r.take("max_buffered_mb", d.socket.max_buffered_mb, _int(1, 65536), "MiB, 1-65536"),
+        idle_timeout=r.take("idle_timeout", d.socket.idle_timeout, _float(1, 86400), "seconds, 1-86400"),
+        stall_timeout=r.take("stall_timeout", d.socket.stall_timeout, _float(0.1, 3600), "seconds, 0.1-3600"),
     )
     r.done()
 
@@ -258,6 +293,8 @@ def parse(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
             "prefetch", d.resources.prefetch, _resource_list, "a list of {folder, name} with valid names"
         ),
         api_max_mb=r.take("api_max_mb", d.resources.api_max_mb, _int(1, 4096), "MiB, 1-4096"),
+        format=r.take("format", d.resources.format, _int(1, 2), "1 or 2"),
+        v2_chunk_log2=r.take("v2_chunk_log2", d.resources.v2_chunk_log2, _int(12, 24), "an integer 12-24"),
     )
     r.done()
 
@@ -268,6 +305,8 @@ def parse(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
         multipart_chunk_mb=r.take(
             "multipart_chunk_mb", d.cdn.multipart_chunk_mb, _int(5, 1024), "MiB, 5-1024"
         ),
+        timeout=r.take("timeout", d.cdn.timeout, _float(0.1, 3600), "seconds, 0.1-3600"),
+        deadline=r.take("deadline", d.cdn.deadline, _float(0.1, 86400), "seconds, 0.1-86400"),
     )
     r.done()
 

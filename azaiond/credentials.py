@@ -1,4 +1,4 @@
-"""Secrets from systemd credentials ($CREDENTIALS_DIRECTORY, SPEC section 2), read on demand.
+"""Secrets from systemd credentials ($CREDENTIALS_DIRECTORY; docs/formats.md, files), read on demand.
 
 Nothing here is cached on disk or logged. A credential file is read each time it is needed, so
 an operator who installs one does not have to restart the daemon for a login to use it.

@@ -1,8 +1,8 @@
-"""The v1 wire crypto of SPEC section 4: AES-256-CBC with a random IV in front, PKCS7 padding.
+"""The v1 wire crypto of docs/formats.md: AES-256-CBC with a random IV in front, PKCS7 padding.
 
 Streams never hold a whole payload: ciphertext goes through ``update_into`` with buffers that
 are allocated once per stream and reused, which is several times faster than ``update()`` on
-big chunks (NOTES.md). Every decryption failure raises the same ``IntegrityError`` with the
+big chunks (measured: see docs/performance.md). Every decryption failure raises the same ``IntegrityError`` with the
 same message, so a caller cannot tell bad padding from a wrong length or a wrong key.
 
 v1 has no MAC: tampering is caught only where it breaks the padding. ``check_tail`` uses that
@@ -224,7 +224,7 @@ def encrypt_stream(src: Source, sink: Sink, key: bytes, chunk: int = CHUNK) -> i
     return total + len(last)
 
 
-class _BackgroundHash:
+class BackgroundHash:
     """SHA-256 on a worker thread, one chunk in flight at a time.
 
     SHA-256 runs several times slower than CBC decryption here, and hashlib releases the GIL,
@@ -263,7 +263,7 @@ def decrypt_chunks(
     Returns the plaintext size and its SHA-256 hex digest.
     """
     dec = StreamDecryptor(key, chunk=chunk, buffers=2)
-    digest = _BackgroundHash()
+    digest = BackgroundHash()
     buf = bytearray(chunk)
     view = memoryview(buf)
     size = 0

@@ -1,4 +1,4 @@
-"""The azaiond entry point: config, services, the socket, then serve until SIGTERM or SIGINT.
+"""The azaiond entry point: load the config, build the daemon (wiring.py), serve until SIGTERM or SIGINT.
 
 Exit statuses: 0 after a clean stop, 1 when the socket or a service cannot start, 2 for a
 bad config (systemd's RestartPreventExitStatus= can then skip pointless restarts).
@@ -18,20 +18,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from azaiond import __version__, logs, wiring
-from azaiond.config import Config, load
+from azaiond.config import load
 from azaiond.errors import AzaionError, ConfigError
-from azaiond.notify import Notifier
-from azaiond.rpc.dispatch import Dispatcher
-from azaiond.rpc.listen import Listener, ListenError, open_listener
-from azaiond.rpc.server import Server
+from azaiond.rpc.listen import ListenError
 
 log = logging.getLogger("azaiond")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
-SHUTDOWN_TIMEOUT = 30.0  # seconds in-flight calls get to finish after SIGTERM
-WORKERS = 32
+# Seconds in-flight calls get to finish after SIGTERM: well inside the unit's TimeoutStopSec=30s,
+# so the daemon always stops by itself, never by systemd's SIGKILL.
+SHUTDOWN_TIMEOUT = 20.0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -46,32 +44,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def serve(
-    daemon: wiring.Daemon,
-    listener: Listener,
-    notifier: Notifier,
-    *,
-    config: Config,
-    shutdown_timeout: float = SHUTDOWN_TIMEOUT,
-) -> bool:
+async def serve(daemon: wiring.Daemon, *, shutdown_timeout: float = SHUTDOWN_TIMEOUT) -> bool:
     """Serve calls until SIGTERM/SIGINT; True when every call in flight finished in time."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    dispatcher = Dispatcher(daemon.table, workers=WORKERS)
-    server = Server(
-        listener.sock,
-        dispatcher,
-        max_message_bytes=config.socket.max_message_bytes,
-        admin_groups=config.socket.admin_groups,
-    )
+    notifier, server = daemon.notifier, daemon.rpc.server
     try:
         await server.start()
         notifier.ready()
-        notifier.start(loop, daemon.status_line)
-        daemon.start()
-        log.info("azaiond %s serving (%d methods)", __version__, len(daemon.table))
+        notifier.start(loop)
+        daemon.services.start()
+        log.info("azaiond %s serving (%d methods)", __version__, len(daemon.services.table))
         await stop.wait()
         log.info("stopping")
         notifier.stopping()
@@ -79,7 +64,6 @@ async def serve(
         notifier.stop()
         return await server.shutdown(shutdown_timeout)
     finally:
-        dispatcher.close()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
 
@@ -93,27 +77,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"azaiond: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG
     logs.setup(config.log_level)
-    notifier = Notifier()
-    notifier.status("starting")
-    # The socket first: a second daemon must fail here, before it touches the state dir.
     try:
-        listener = open_listener(config.socket)
+        daemon = wiring.build(config)
     except ListenError as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
-    try:
-        # The unlock job reports progress as systemd STATUS= lines (`systemctl status azaiond`).
-        daemon = wiring.build(config, status_line=notifier.status)
     except ConfigError as exc:
-        listener.close()
         log.error("%s", exc.message)
         return EXIT_CONFIG
     except AzaionError as exc:
-        listener.close()
         log.error("cannot start: %s", exc.message)
         return EXIT_FAILURE
     except Exception:
-        listener.close()
         log.exception("cannot start")
         return EXIT_FAILURE
     # Everything built so far lives as long as the process: take it out of the collector's
@@ -122,9 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.freeze()
     finished = True
     try:
-        finished = asyncio.run(serve(daemon, listener, notifier, config=config))
+        finished = asyncio.run(serve(daemon))
     finally:
-        listener.close()
         try:
             daemon.close()
         except Exception:

@@ -11,6 +11,7 @@ The hierarchy::
     │   └── HardwareMismatch         hardware_mismatch  -32010   the API bound the user elsewhere (409)
     ├── CdnError                     cdn                -32005   the S3-compatible CDN failed
     ├── IntegrityError               integrity          -32006   decryption or verification failed
+    │   └── UnwantedImages           integrity          -32006   an archive would tag names not asked for
     ├── Busy                         busy               -32007
     ├── TooLarge                     too_large          -32008
     ├── InvalidName                  invalid_name       -32009
@@ -103,6 +104,10 @@ class IntegrityError(AzaionError):
 
     kind = "integrity"
     code = -32006
+
+
+class UnwantedImages(IntegrityError):
+    """An images archive would set image names outside ``unlock.images`` (its message names them)."""
 
 
 class Busy(AzaionError):

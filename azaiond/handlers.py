@@ -1,9 +1,9 @@
-"""The methods of SPEC section 7 as plain functions of a ``Call``, over the services.
+"""The methods of docs/protocol.md as plain functions of a ``Call``, over the services.
 
 Handlers know nothing of sockets or JSON-RPC: they read ``call.params`` (already checked for
 presence and type by the dispatcher), use ``call.fd`` when the client passed a descriptor, and
 raise ``azaiond.errors`` exceptions. Within a handler the order is names, then authentication,
-then the work (SPEC section 7).
+then the work (docs/protocol.md, order of checks).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
+import stat
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -22,7 +24,7 @@ from azaiond.config import Config
 from azaiond.errors import InvalidParams, TooLarge
 from azaiond.fdio import CappedBuffer, FdSink, FdSource, HashingSink, require_readable, require_writable
 from azaiond.names import check_bucket, check_name
-from azaiond.resources import LoadResult, SplitResources
+from azaiond.resources import FORMATS, LoadResult, SplitResources
 from azaiond.rpc.table import Call
 from azaiond.unlock import UnlockJob
 
@@ -50,6 +52,7 @@ class Handlers:
             account.api, config.state_dir, config.resources.api_max_bytes
         )
         self._inline_limit = config.resources.inline_limit_bytes
+        self._stall = config.socket.stall_timeout
 
     # -- open ----------------------------------------------------------------------------
 
@@ -77,17 +80,17 @@ class Handlers:
         name, folder = call.params["name"], call.params["folder"]
         if call.fd is not None:
             require_writable(call.fd, "load")
-            result = self._resources.load(name, folder, FdSink(call.fd), call.cancel)
-            self._load_facts(call, result)
-            return {"size": result.size, "sha256": result.sha256}
+            with FdSink(call.fd, call.cancel, self._stall, call.progress) as sink:
+                result = self._resources.load(name, folder, sink, call.cancel)
+            self._cache_fact(call, result)
+            return _load_result(result)
         buffer = CappedBuffer(self._inline_limit)
         result = self._resources.load(name, folder, buffer, call.cancel)
-        self._load_facts(call, result)
-        return {"size": result.size, "sha256": result.sha256, "data": _b64(buffer.buffer)}
+        self._cache_fact(call, result)
+        return {**_load_result(result), "data": _b64(buffer.buffer)}
 
     @staticmethod
-    def _load_facts(call: Call, result: LoadResult) -> None:
-        call.facts["bytes"] = result.size
+    def _cache_fact(call: Call, result: LoadResult) -> None:
         if result.cache_hit is not None:
             call.facts["cache"] = "hit" if result.cache_hit else "miss"
 
@@ -112,7 +115,8 @@ class Handlers:
         result: LoadResult
         if call.fd is not None:
             require_writable(call.fd, "api_load")
-            result = self._api_files.load(name, folder, FdSink(call.fd), call.cancel)
+            with FdSink(call.fd, call.cancel, self._stall, call.progress) as sink:
+                result = self._api_files.load(name, folder, sink, call.cancel)
             call.facts["bytes"] = result.size
             return {"size": result.size, "sha256": result.sha256}
         buffer = CappedBuffer(self._inline_limit)
@@ -137,7 +141,8 @@ class Handlers:
             raise InvalidParams(f"{method}: pass either data or a descriptor, not both")
         if call.fd is not None:
             require_readable(call.fd, method)
-            return io.BufferedReader(FdSource(call.fd), buffer_size=1024 * 1024)
+            source = FdSource(call.fd, call.cancel, self._stall, call.progress)
+            return io.BufferedReader(source, buffer_size=1024 * 1024)
         if data is None:
             raise InvalidParams(f"{method}: pass the bytes as data (base64) or as a descriptor")
         # base64 is 4/3 of the bytes; refuse before decoding anything oversized.
@@ -155,9 +160,18 @@ class Handlers:
         name = check_name(call.params["name"])
         folder = check_name(call.params["folder"], "folder")
         check_bucket(folder)
+        fmt = call.params.get("format")
+        if fmt is not None and (isinstance(fmt, bool) or fmt not in FORMATS):
+            raise InvalidParams("upload: format must be 1 or 2")
         with self._input(call, "upload") as source:
-            result = self._resources.upload(name, folder, source, call.cancel)
-        return {"size": result.size, "small_size": result.small_size, "big_size": result.big_size}
+            size = _known_size(call.fd, source)
+            result = self._resources.upload(name, folder, source, call.cancel, format=fmt, size=size)
+        return {
+            "size": result.size,
+            "small_size": result.small_size,
+            "big_size": result.big_size,
+            "format": result.format,
+        }
 
     def cache_drop(self, call: Call) -> Result:
         folder, name = call.params.get("folder"), call.params.get("name")
@@ -178,7 +192,8 @@ class Handlers:
         if call.fd is not None and call.params.get("data") is None:
             # Raw and unbuffered, so a regular file can be rewound for a retry.
             require_readable(call.fd, "api_upload")
-            stored = self._api_files.upload(name, folder, FdSource(call.fd), size=size, fd=call.fd, cancel=call.cancel)
+            raw = FdSource(call.fd, call.cancel, self._stall, call.progress)
+            stored = self._api_files.upload(name, folder, raw, size=size, fd=call.fd, cancel=call.cancel)
         else:
             with self._input(call, "api_upload") as source:
                 stored = self._api_files.upload(name, folder, source, size=size, cancel=call.cancel)
@@ -198,8 +213,9 @@ class Handlers:
         key = check_name(call.params["key"], "key")
         if call.fd is not None:
             require_writable(call.fd, "cdn_download")
-            sink = HashingSink(FdSink(call.fd))
-            self._account.cdn().download_into(bucket, key, sink)
+            with FdSink(call.fd, call.cancel, self._stall, call.progress) as out:
+                sink = HashingSink(out)
+                self._account.cdn().download_into(bucket, key, sink)
             return {"size": sink.size, "sha256": sink.digest.hexdigest()}
         buffer = CappedBuffer(self._inline_limit)
         sink = HashingSink(buffer)
@@ -212,6 +228,28 @@ class Handlers:
             raise InvalidParams("unlock: pass both email and password, or neither")
         creds = Credentials(email=email, password=password) if email is not None and password is not None else None
         return self._unlock.start(creds)
+
+
+def _load_result(result: LoadResult) -> dict[str, Any]:
+    out: dict[str, Any] = {"size": result.size, "sha256": result.sha256, "format": result.format}
+    if result.generation is not None:
+        out["generation"] = result.generation
+    return out
+
+
+def _known_size(fd: int | None, source: io.BufferedReader | io.BytesIO) -> int | None:
+    """Bytes left in the input when that can be known up front (a file, inline data), else None.
+
+    A descriptor shares its offset with the caller's, so a file counts from where it stands.
+    """
+    if isinstance(source, io.BytesIO):
+        return len(source.getbuffer()) - source.tell()
+    if fd is None:
+        return None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        return None
+    return max(0, info.st_size - os.lseek(fd, 0, os.SEEK_CUR))
 
 
 class _CountingReader(io.RawIOBase):

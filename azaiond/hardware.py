@@ -1,4 +1,4 @@
-"""The hardware description of SPEC section 4, read from /proc and /sys without shelling out."""
+"""The hardware description of docs/formats.md, read from /proc and /sys without shelling out."""
 
 from __future__ import annotations
 

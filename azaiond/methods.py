@@ -1,4 +1,4 @@
-"""The method table of SPEC section 7: name, handler, access level and params, as data."""
+"""The method table of docs/protocol.md: name, handler, access level and params, as data."""
 
 from __future__ import annotations
 
@@ -17,7 +17,15 @@ def method_table(h: Handlers) -> MethodTable:
         MethodSpec("login", h.login, ADMIN, (Param("email", str), Param("password", str))),
         MethodSpec("logout", h.logout, ADMIN),
         MethodSpec(
-            "upload", h.upload, ADMIN, (Param("name", str), Param("folder", str), Param("data", str, required=False))
+            "upload",
+            h.upload,
+            ADMIN,
+            (
+                Param("name", str),
+                Param("folder", str),
+                Param("data", str, required=False),
+                Param("format", int, required=False),
+            ),
         ),
         MethodSpec(
             "cdn_upload",

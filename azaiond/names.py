@@ -1,4 +1,4 @@
-"""Validation of the names that reach the file system, the Resource API and the CDN (SPEC section 7)."""
+"""Validation of the names that reach the file system, the Resource API and the CDN (docs/protocol.md)."""
 
 from __future__ import annotations
 

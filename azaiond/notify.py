@@ -16,9 +16,6 @@ import sdnotify
 
 log = logging.getLogger(__name__)
 
-STATUS_PERIOD = 2.0  # seconds between checks of the status line
-
-
 def _watchdog_interval(environ: Mapping[str, str]) -> float | None:
     """Half of WATCHDOG_USEC in seconds, when the watchdog is meant for this process."""
     usec = environ.get("WATCHDOG_USEC")
@@ -48,7 +45,6 @@ class Notifier:
         self._sd = sdnotify.SystemdNotifier() if self.enabled else None
         self.watchdog_interval = _watchdog_interval(env) if self.enabled else None
         self._timers: list[asyncio.TimerHandle] = []
-        self._last_status: str | None = None
 
     def _send(self, state: str) -> None:
         if self._sd is not None:
@@ -61,7 +57,6 @@ class Notifier:
         """Set the line `systemctl status` shows. Safe to call from any thread."""
         # A newline would start a new assignment in the datagram; keep it one line.
         line = " ".join(text.split())
-        self._last_status = line
         self._send(f"STATUS={line}")
 
     def stopping(self) -> None:
@@ -70,24 +65,13 @@ class Notifier:
     def watchdog(self) -> None:
         self._send("WATCHDOG=1")
 
-    def start(self, loop: asyncio.AbstractEventLoop, status_source: Callable[[], str] | None = None) -> None:
-        """Start the watchdog pings and status updates on ``loop`` (the one serving calls)."""
-        if not self.enabled:
-            return
-        if self.watchdog_interval is not None:
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the watchdog pings on ``loop`` (the one serving calls).
+
+        Status lines need no timer: ``status`` sends each one the moment it is set.
+        """
+        if self.enabled and self.watchdog_interval is not None:
             self._every(loop, self.watchdog_interval, self.watchdog)
-        if status_source is not None:
-
-            def refresh() -> None:
-                try:
-                    line = status_source()
-                except Exception:
-                    log.exception("the status line failed")
-                    return
-                if " ".join(line.split()) != self._last_status:
-                    self.status(line)
-
-            self._every(loop, STATUS_PERIOD, refresh)
 
     def _every(self, loop: asyncio.AbstractEventLoop, period: float, action: Callable[[], None]) -> None:
         slot = len(self._timers)

@@ -1,4 +1,4 @@
-"""Split resources (SPEC section 6): a small part on the Resource API, a big part on the CDN.
+"""Split resources (docs/formats.md): a small part on the Resource API, a big part on the CDN.
 
 Upload: ``ct = encrypt(data, resource_key)``; the first ``n = min(small_part_kb KiB, 30 % of ct)``
 bytes go to the API as ``<name>.small``, the rest to the CDN as ``<folder>/<name>.big`` and to
@@ -16,7 +16,8 @@ big part is bound to its small part by the small part's SHA-256: beside cache en
 served; a CDN object of another version answers ``stale``.
 
 v1 has no MAC: tampering that keeps the padding valid yields wrong bytes, undetected. See
-docs/security.md.
+docs/security.md. Format v2 (azaiond/splitv2.py) is authenticated; a load tells the two apart by
+the small part, an upload writes the one the call or ``resources.format`` asks for.
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ from azaiond import crypto
 from azaiond.apiclient import ResourceApi
 from azaiond.cache import BigPartCache
 from azaiond.cdn import SMALL_SHA256, Cdn, ObjectInfo
-from azaiond.errors import Cancelled, IntegrityError, NotAuthenticated, Stale, StorageError
+from azaiond.errors import Cancelled, IntegrityError, InvalidParams, NotAuthenticated, Stale, StorageError
 from azaiond.fsutil import atomic_file
+from azaiond.generations import Generations
 from azaiond.names import check_bucket, check_name
+from azaiond.sealed import CHUNK_LOG2
+from azaiond.splitv2 import SplitV2, is_v2_small
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +53,19 @@ class Input(Protocol):
 
     def read(self, size: int = -1, /) -> bytes: ...
 
-    def readinto(self, buffer: bytearray, /) -> int | None: ...
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+FORMATS = (1, 2)
 
 
 @dataclass(frozen=True)
 class LoadResult:
     size: int
     sha256: str
-    cache_hit: bool | None = None  # split resources: the big part came from the cache
+    format: int = 1
+    generation: int | None = None  # v2 only
+    cache_hit: bool | None = None  # v1 split resources: the big part came from the cache
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,7 @@ class UploadResult:
     size: int
     small_size: int
     big_size: int
+    format: int = 1
 
 
 def small_size(ciphertext_len: int, small_part_kb: int) -> int:
@@ -98,6 +108,10 @@ class SplitResources:
         cache: BigPartCache | Path,
         resource_key: Callable[[], str | None],
         small_part_kb: int = 3,
+        *,
+        generations: Generations | None = None,
+        upload_format: int = 1,
+        chunk_log2: int = CHUNK_LOG2,
     ) -> None:
         self._api = api
         self._cdn = cdn
@@ -105,6 +119,9 @@ class SplitResources:
         self.cache_dir = self.cache.root
         self._resource_key = resource_key
         self._small_part_kb = small_part_kb
+        self._format = upload_format
+        generations = generations or Generations(self.cache_dir.parent / "generations.json")
+        self.v2 = SplitV2(api, cdn, self, generations, chunk_log2)
 
     def _key(self) -> bytes:
         secret = self._resource_key()
@@ -172,6 +189,13 @@ class SplitResources:
     def drop_big(self, name: str, folder: str) -> None:
         self._drop(name, folder)
 
+    def staged_big(self, name: str, folder: str) -> Path:
+        return self.cache.staging(folder, name).with_name(f".{name}.big.up-{secrets.token_hex(4)}.tmp")
+
+    def install_big(self, name: str, folder: str, small: bytes, staged: Path) -> None:
+        with self.cache.flight(folder, name):
+            self.cache.install(folder, name, small_fingerprint(small), staged)
+
     def _drop(self, name: str, folder: str) -> None:
         with self.cache.flight(folder, name):
             self.cache.drop(folder, name)
@@ -182,6 +206,10 @@ class SplitResources:
         self._check(name, folder)
         key = self._key()
         small = self._api.get_resource(folder, f"{name}.small")
+        if is_v2_small(small):
+            with self.cache.pinned(folder, name):  # v2 reads its entry through open_big
+                v2 = self.v2.load(name, folder, small, key, sink=sink, cancel=cancel)
+            return LoadResult(v2.size, v2.sha256, 2, v2.generation)
         fingerprint = small_fingerprint(small)
         with self.cache.pinned(folder, name):
             big, fetched = self._open_big(name, folder, fingerprint)
@@ -261,9 +289,25 @@ class SplitResources:
 
     # -- upload --------------------------------------------------------------------------
 
-    def upload(self, name: str, folder: str, source: Input, cancel: threading.Event | None = None) -> UploadResult:
+    def upload(
+        self,
+        name: str,
+        folder: str,
+        source: Input,
+        cancel: threading.Event | None = None,
+        *,
+        format: int | None = None,
+        size: int | None = None,
+    ) -> UploadResult:
+        """Upload ``source`` in ``format`` (default ``resources.format``); ``size`` if known (v2)."""
         self._check(name, folder)
+        fmt = self._format if format is None else format
+        if fmt not in FORMATS:
+            raise InvalidParams(f"upload: format must be 1 or 2, not {fmt}")
         key = self._key()
+        if fmt == 2:
+            v2 = self.v2.upload(name, folder, source, size=size, root=key, cancel=cancel)
+            return UploadResult(v2.size, v2.small_size, v2.big_size, 2)
         limit = self._small_part_kb * 1024
         # Once the ciphertext reaches 10/3 of the small part's size, the split point is fixed at
         # the full small size, so only this much plaintext is read ahead to decide it.
@@ -280,7 +324,7 @@ class SplitResources:
         small = ct_head[:cut]
         fingerprint = small_fingerprint(small)
         cdn = self._cdn()  # fails before any work when the CDN cannot be had
-        staged = self.cache.staging(folder, name).with_name(f".{name}.big.up-{secrets.token_hex(4)}.tmp")
+        staged = self.staged_big(name, folder)
         # The big part is written to a temp file that becomes the cache entry, and each part of
         # it goes to the CDN (tagged with the small part's fingerprint) as soon as it is written.
         # The temp file is installed in the cache only once both parts are stored upstream, so a
@@ -298,7 +342,7 @@ class SplitResources:
                     while True:
                         if cancel is not None and cancel.is_set():
                             raise Cancelled("the upload was stopped before it finished; nothing was committed")
-                        n = source.readinto(buf)
+                        n = source.readinto(view)
                         if not n:
                             break
                         size += n

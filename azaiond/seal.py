@@ -1,7 +1,10 @@
-"""The publisher's side of unlock: seal a ``docker save`` tar into ``images.enc`` (SPEC section 4).
+"""The publisher's side of unlock: seal a ``docker save`` tar into ``images.enc``.
 
-``images.enc = IV || AES-256-CBC(SHA-256(key_fragment), IV, PKCS7(tar))``, where the key
-fragment is the raw body the Resource API serves at ``/binary-split/key-fragment``. The tar is
+Format 1: ``images.enc = IV || AES-256-CBC(SHA-256(key_fragment), IV, PKCS7(tar))``, where the
+key fragment is the raw body the Resource API serves at ``/binary-split/key-fragment``. Format 2
+(``--format 2``): the ``AZIMGS02`` header and sealed chunks of sealed.py, under the same 32-byte
+root key; its header names the tar's size, so a tar of unknown length (stdin, ``--image``) is
+first spooled, encrypted under a throwaway key, beside the output. The tar is
 streamed through the encryptor in 1 MiB pieces, so sealing a multi-GB archive takes flat
 memory, and the output appears under its final name only once it is complete (temp + rename).
 
@@ -18,12 +21,14 @@ import argparse
 import hashlib
 import io
 import os
+import stat
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, cast
 
-from azaiond import crypto
+from azaiond import crypto, sealed
 from azaiond.errors import AzaionError, DockerError
 from azaiond.fsutil import atomic_file
 
@@ -41,17 +46,49 @@ def archive_key(key_fragment: bytes) -> bytes:
     return hashlib.sha256(key_fragment).digest()
 
 
-def seal(tar_source: BinaryIO | crypto.Source, key_fragment: bytes, out: Path) -> int:
+def seal(
+    tar_source: BinaryIO | crypto.Source,
+    key_fragment: bytes,
+    out: Path,
+    format: int = 1,
+    *,
+    size: int | None = None,
+    chunk_log2: int = sealed.CHUNK_LOG2,
+) -> int:
     """Encrypt ``tar_source`` into ``out`` atomically; returns the size of ``out``.
 
     The file is written beside ``out`` under a dot-name, fsynced and renamed, so a crash or an
     error never leaves a half archive that an unlock would take for a corrupt one. ``tar_source``
     needs ``readinto`` (every binary file object has it; typing's ``BinaryIO`` does not say so).
+    ``size`` (format 2): the bytes ``tar_source`` holds, when known; else it is spooled first.
     """
     key = archive_key(key_fragment)
-    # Ciphertext may be world-readable: the key is what is guarded.
-    with atomic_file(out.absolute(), mode=0o644) as sink:
-        return crypto.encrypt_stream(cast(crypto.Source, tar_source), sink, key)
+    source = cast(crypto.Source, tar_source)
+    if format == 1:
+        # Ciphertext may be world-readable: the key is what is guarded.
+        with atomic_file(out.absolute(), mode=0o644) as sink:
+            return crypto.encrypt_stream(source, sink, key)
+    if format != 2:
+        raise ValueError("format must be 1 or 2")
+    spool: sealed.Spool | None = None
+    plain = cast(sealed.Source, source)
+    try:
+        if size is None:
+            spool = sealed.Spool(str(out.absolute().parent))
+            size = spool.fill(plain)
+            plain = spool
+        # The archive has no rollback guard (unlock.images names the versions a host takes);
+        # the generation still records when it was sealed.
+        header = sealed.make_header(sealed.MAGIC_IMAGES, key, time.time_ns() // 1000, size, chunk_log2=chunk_log2)
+        with atomic_file(out.absolute(), mode=0o644) as sink:
+            sink.write(header.raw)
+            try:
+                return len(header.raw) + sealed.seal_stream(header, plain, sink)
+            except ValueError as exc:
+                raise AzaionError(f"the tar changed while it was sealed ({exc})") from exc
+    finally:
+        if spool is not None:
+            spool.close()
 
 
 class ChunkReader(io.RawIOBase):
@@ -121,7 +158,7 @@ def read_fragment(path: Path) -> bytes:
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Seal docker images into images.enc for azaiond's unlock (SPEC section 4).",
+        description="Seal docker images into images.enc for azaiond's unlock.",
     )
     p.add_argument("--fragment-file", type=Path, required=True, help="raw key fragment, as the API serves it")
     p.add_argument("--new-fragment", action="store_true", help="first write a new random fragment (0600)")
@@ -130,6 +167,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     src.add_argument("--image", nargs="+", metavar="NAME", help="images to save from the Docker engine")
     p.add_argument("-o", "--output", type=Path, help="where to write the sealed archive")
     p.add_argument("--docker-url", default="unix:///run/docker.sock", help="Docker engine for --image")
+    p.add_argument(
+        "--format", type=int, choices=(1, 2), default=1,
+        help="1: readable by every unlock (default); 2: authenticated chunks, readable by this version on",
+    )
     return p
 
 
@@ -138,11 +179,19 @@ def _seal_from_args(args: argparse.Namespace) -> int:
     fragment = read_fragment(args.fragment_file)
     if args.image:
         reader = io.BufferedReader(ChunkReader(saved_images(args.docker_url, args.image)), crypto.CHUNK)
-        return seal(reader, fragment, args.output)
+        return seal(reader, fragment, args.output, args.format)
     if str(args.tar) == "-":
-        return seal(sys.stdin.buffer, fragment, args.output)
+        return seal(sys.stdin.buffer, fragment, args.output, args.format, size=_file_size(sys.stdin.buffer))
     with open(args.tar, "rb") as tar:
-        return seal(tar, fragment, args.output)
+        return seal(tar, fragment, args.output, args.format, size=_file_size(tar))
+
+
+def _file_size(handle: BinaryIO) -> int | None:
+    """Bytes left in a regular file (from where it stands); None for a pipe."""
+    info = os.fstat(handle.fileno())
+    if not stat.S_ISREG(info.st_mode):
+        return None
+    return info.st_size - handle.tell()
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m azaiond.seal") -> int:

@@ -1,4 +1,4 @@
-"""Boot-time unlock (SPEC section 8): decrypt ``images.enc`` straight into the Docker engine.
+"""Boot-time unlock (docs/unlock.md): decrypt ``images.enc`` straight into the Docker engine.
 
 One run, on its own thread: check the images (all there: ``ready``), log in, fetch the key
 fragment, then stream the archive through ``StreamDecryptor`` into ``images.load`` and check the
@@ -18,6 +18,15 @@ zero blocks that end a tar. So the generator
 Before any of that, ``check_tail`` vets the padding from the file's last 32 bytes, so a truncated
 or tail-tampered archive fails before docker is even contacted.
 
+Format v2 archives (magic ``AZIMGS02``) need none of that holding back: every chunk is opened
+(its tag verified) before it is passed on, and the file's length is checked against the header
+first (archives.py).
+
+Either way, an unlock touches only the names in ``unlock.images``: a first pass reads the tar's
+metadata (manifest.json, repositories, index.json) without handing anything to docker, and an
+archive that would set any other name is refused (``integrity``, naming the names). The docker
+pass watches the metadata again and refuses to finish if it changed in between.
+
 The last outcome is kept in ``unlock.json`` (0600). A run persists its first state before any work,
 so a daemon killed mid-run does not report a run that never ends after its restart: it reports
 ``idle`` (nothing is running; ``azaionctl unlock --wait`` starts a new run when it sees idle) with
@@ -35,14 +44,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-from azaiond import crypto
+from azaiond import archives, crypto
 from azaiond.account import Account
 from azaiond.apiclient import Credentials
 from azaiond.config import Config
-from azaiond.errors import AzaionError, Busy, DockerError, IntegrityError, NotFound
+from azaiond.errors import AzaionError, Busy, DockerError, IntegrityError, NotFound, StorageError, UnwantedImages
 from azaiond.fsutil import atomic_write
 from azaiond.images import DockerImages
 from azaiond.seal import archive_key
+from azaiond.tarcheck import TarWatch
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +108,17 @@ def decrypted_tar(
     key: bytes,
     on_progress: Callable[[int], None] = lambda done: None,
     cancelled: Callable[[], bool] = lambda: False,
+    *,
     chunk: int = crypto.CHUNK,
+    expect: str | None = None,
 ) -> Iterator[bytes]:
     """Plaintext of ``IV || CBC(tar)`` for ``images.load``, with the guards of the module doc.
 
     ``on_progress`` gets the ciphertext bytes read so far. Raises ``IntegrityError`` for any
-    decryption failure, always before the end of the tar has been yielded.
+    decryption failure, always before the end of the tar has been yielded. With ``expect`` (the
+    metadata digest of the first pass) the tar's metadata must be the same this time.
     """
+    watch = TarWatch()
     dec = crypto.StreamDecryptor(key, chunk=chunk)
     buf = bytearray(chunk)
     view = memoryview(buf)
@@ -126,6 +140,8 @@ def decrypted_tar(
         out = dec.update(view[:n])
         if not out:
             continue
+        if expect is not None:
+            watch.feed(out)
         if len(head) < TAR_BLOCK:
             head += out[: TAR_BLOCK - len(head)]
             if len(head) == TAR_BLOCK and not _tar_header_ok(head):
@@ -136,9 +152,14 @@ def decrypted_tar(
             held = bytearray(out)  # copied: the decryptor reuses its buffer
         else:
             held += out
-    held += dec.finalize()  # the padding check: raises IntegrityError on any failure
+    last = dec.finalize()  # the padding check: raises IntegrityError on any failure
+    held += last
     if len(head) < TAR_BLOCK or len(held) < TAR_END or any(held[-TAR_END:]):
         raise IntegrityError(INTEGRITY_MESSAGE)
+    if expect is not None:
+        watch.feed(last)
+        if not watch.done or watch.digest() != expect:
+            raise IntegrityError(INTEGRITY_MESSAGE)
     yield bytes(held)
 
 
@@ -216,6 +237,8 @@ class UnlockJob:
             self._work(credentials)
         except _Cancelled:
             self._finish(IDLE, INTERRUPTED, "the daemon stopped during the unlock; run unlock again")
+        except UnwantedImages as exc:
+            self._finish(ERROR, exc.kind, exc.message)
         except IntegrityError:
             self._finish(ERROR, IntegrityError.kind, INTEGRITY_MESSAGE)
         except AzaionError as exc:
@@ -257,9 +280,15 @@ class UnlockJob:
         self._check_cancel()
         with open(cfg.archive, "rb", buffering=0) as archive:
             total = os.fstat(archive.fileno()).st_size
-            precheck(archive, total, key)
             self._enter(DECRYPTING, (0, total))
-            stream = decrypted_tar(archive, key, self._progress_to, self._cancel.is_set)
+            if archives.is_v2(archive):
+                header = archives.v2_header(archive, total, key)
+                expect = archives.scan_names(archives.v2_reader(archive, header), wanted)
+                stream = archives.v2_tar(archive, header, expect, self._progress_to, self._check_cancel)
+            else:
+                precheck(archive, total, key)
+                expect = archives.scan_names(archives.v1_reader(archive, total, key), wanted)
+                stream = decrypted_tar(archive, key, self._progress_to, self._cancel.is_set, expect=expect)
             started = time.monotonic()
             loaded = self._images.load(self._then_loading(stream, total))
         log.info("unlock: docker loaded %d image(s) in %.1fs", len(loaded), time.monotonic() - started)
@@ -315,20 +344,30 @@ class UnlockJob:
         record = {**record, "time": time.time()}
         try:
             atomic_write(self._path, json.dumps(record).encode("utf-8"), mode=0o600)
-        except OSError as exc:
+        except StorageError as exc:
             # The run itself is fine; only the memory of it across a restart is lost.
-            log.warning("cannot save the unlock state to %s: %s", self._path, exc.strerror)
+            log.warning("cannot save the unlock state: %s", exc.message)
 
     def _restore(self) -> tuple[str, dict[str, str] | None]:
-        """The last run's outcome; a run that was still going counts as interrupted."""
+        """The last run's outcome; a run that was still going counts as interrupted.
+
+        The file is untrusted input: anything but a mapping with a known ``state`` string (and
+        an ``error`` that is null or a mapping) is logged once and read as no outcome at all.
+        """
         try:
             record = json.loads(self._path.read_bytes())
+            if not isinstance(record, dict):
+                raise TypeError("not a mapping")
             state = record["state"]
             error = record.get("error")
+            if not isinstance(state, str) or state not in RUNNING | {IDLE, READY, ERROR}:
+                raise ValueError("unknown state")
+            if error is not None and not isinstance(error, dict):
+                raise TypeError("error is not a mapping")
         except FileNotFoundError:
             return IDLE, None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring an unreadable unlock state in %s: %s", self._path, exc)
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            log.warning("ignoring an unreadable unlock state in %s (%s)", self._path, type(exc).__name__)
             return IDLE, None
         if state == READY:
             return READY, None
@@ -338,5 +377,7 @@ class UnlockJob:
                 "message": "the previous unlock was interrupted (the daemon stopped); run unlock again",
             }
         if state in (ERROR, IDLE) and isinstance(error, dict):
-            return state, {"kind": str(error.get("kind")), "message": str(error.get("message"))}
+            kind, message = error.get("kind"), error.get("message")
+            if isinstance(kind, str) and isinstance(message, str):
+                return state, {"kind": kind, "message": message}
         return IDLE, None

@@ -1,65 +1,80 @@
 """Builds every object the daemon needs from the config, in one place (tuned's layout).
 
-The entry point (daemon.py) loads the config and calls ``build``; nothing else constructs
-services, so the graph of who uses what is readable here top to bottom.
+The entry point (daemon.py) loads the config, calls ``build`` and runs what it gets; nothing
+else constructs services or the RPC side, so the graph of who uses what is readable here top to
+bottom. Tests and benchmarks build through the same functions: ``Overrides`` names the few parts
+they may supply instead (an HTTP or boto session to watch, credentials, a clock), and
+``build_services`` / ``build_rpc`` build one side without the other.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 
+import boto3
 import requests
 
-from azaiond import credentials, hardware
+from azaiond import credentials, hardware, transport
 from azaiond.account import Account
-from azaiond.apiclient import ResourceApi
+from azaiond.apiclient import Credentials, ResourceApi
 from azaiond.apifiles import ApiFiles
 from azaiond.cache import BigPartCache
 from azaiond.cdn import Cdn, CdnSettings
-from azaiond.config import Config
-from azaiond.errors import AzaionError
+from azaiond.config import Config, SocketConfig
+from azaiond.errors import AzaionError, StorageError
 from azaiond.fsutil import private_dir, sweep_temp_files
+from azaiond.generations import Generations
 from azaiond.handlers import Handlers
 from azaiond.images import DockerImages
 from azaiond.methods import method_table
+from azaiond.notify import Notifier
 from azaiond.prefetch import Prefetcher
 from azaiond.resources import SplitResources
+from azaiond.rpc.dispatch import Dispatcher
+from azaiond.rpc.limits import ConnectionLimits
+from azaiond.rpc.listen import Listener, open_listener
+from azaiond.rpc.server import Server
 from azaiond.rpc.table import MethodTable
 from azaiond.tokencache import TokenCache
 from azaiond.unlock import UnlockJob
+from azaiond.uploadjournal import UploadJournal
 
 log = logging.getLogger(__name__)
 
+WORKERS = 32  # threads for blocking handlers: loads, uploads, unlock, logins
 
-class StatusLine:
-    """What the daemon is doing, in one line: kept for status_line() and passed on to systemd."""
 
-    def __init__(self, forward: Callable[[str], None] | None) -> None:
-        self.text = "serving"
-        self._forward = forward
+@dataclass(frozen=True)
+class Overrides:
+    """Parts a test or benchmark supplies instead of the daemon's own; None means the daemon's."""
 
-    def __call__(self, text: str) -> None:
-        self.text = text
-        if self._forward is not None:
-            self._forward(text)
+    session: requests.Session | None = None  # HTTP to the Resource API
+    boto_session: boto3.session.Session | None = None  # the CDN clients' session
+    login_credentials: Callable[[], Credentials | None] | None = None  # else the 'login' credential
+    resource_key: Callable[[], str | None] | None = None  # else the credential or resources.key
+    clock: Callable[[], float] | None = None  # wall clock for token expiry
+    environ: MutableMapping[str, str] | None = None  # NOTIFY_SOCKET, LISTEN_FDS, ...
 
 
 @dataclass
-class Daemon:
+class Services:
+    """Everything behind the method table; knows nothing of sockets."""
+
     config: Config
-    table: MethodTable
     account: Account
     resources: SplitResources
     unlock: UnlockJob
+    images: DockerImages
+    handlers: Handlers
+    table: MethodTable
     session: requests.Session
+    login_credentials: Callable[[], Credentials | None]
     prefetcher: Prefetcher | None = None
-    status: StatusLine = field(default_factory=lambda: StatusLine(None))
-
-    def status_line(self) -> str:
-        return self.status.text
 
     def start(self) -> None:
         """Background work once calls are served: log in with the 'login' credential, if any.
@@ -68,13 +83,16 @@ class Daemon:
         load does not pay for the login. A failure is logged (never with a secret) and the
         next call that needs the API tries again.
         """
-        if self.account.api.authenticated or credentials.login_credentials() is None:
+        if self.login_credentials() is None:
+            return
+        if self.account.api.authenticated:
+            self.account.abort_orphans_later()  # a cached token: the credential still opens the CDN
             return
         threading.Thread(target=self._warm_login, name="login", daemon=True).start()
 
     def _warm_login(self) -> None:
         try:
-            self.account.login()
+            self.account.login()  # aborts orphan uploads afterwards, if any
         except AzaionError as exc:
             log.warning("login with the 'login' credential failed: %s", exc.message)
 
@@ -86,23 +104,68 @@ class Daemon:
         self.session.close()
 
 
-def build(config: Config, status_line: Callable[[str], None] | None = None) -> Daemon:
-    private_dir(config.state_dir)
-    private_dir(config.cache_dir)
+@dataclass
+class Rpc:
+    """The RPC side: the dispatcher and the socket server in front of it."""
+
+    dispatcher: Dispatcher
+    server: Server
+
+    def close(self) -> None:
+        self.dispatcher.close()
+
+
+@dataclass
+class Daemon:
+    """What daemon.py runs: the listening socket, systemd notification, services, RPC."""
+
+    config: Config
+    notifier: Notifier
+    listener: Listener
+    services: Services
+    rpc: Rpc
+    _closed: bool = field(default=False, repr=False)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.rpc.close()
+        self.listener.close()
+        self.services.close()
+
+
+def build_services(
+    config: Config,
+    overrides: Overrides = Overrides(),
+    status_line: Callable[[str], None] | None = None,
+) -> Services:
+    try:
+        private_dir(config.state_dir)
+        private_dir(config.cache_dir)
+    except StorageError as exc:
+        # Serve anyway: health, status and loads of API-only data work, and each call that
+        # needs the disk answers storage with the path.
+        log.warning("the state dir is not usable: %s", exc.message)
     sweep_temp_files(config.state_dir)  # leftovers of a crash are never trusted
-    session = requests.Session()
-    session.headers["User-Agent"] = "azaiond"
+    session = overrides.session or transport.api_session("azaiond")
+    login_credentials = overrides.login_credentials or credentials.login_credentials
     machine = hardware.describe() if config.hardware == "auto" else config.hardware
     api = ResourceApi(
         session,
         config.api.url,
         machine,
         token_cache=TokenCache(config.token_path),
-        fallback_credentials=credentials.login_credentials,
+        fallback_credentials=login_credentials,
         retries=config.api.retries,
         timeout=config.api.timeout,
         backoff=config.api.backoff,
+        clock=overrides.clock or time.time,
+        deadline=config.api.deadline,
+        login_backoff=config.api.login_backoff,
+        login_backoff_max=config.api.login_backoff_max,
     )
+    journal = UploadJournal(config.state_dir / "uploads")
 
     def make_cdn(settings: CdnSettings) -> Cdn:
         return Cdn(
@@ -110,31 +173,78 @@ def build(config: Config, status_line: Callable[[str], None] | None = None) -> D
             endpoint=config.cdn.endpoint,
             retries=config.cdn.retries,
             multipart_chunk_mb=config.cdn.multipart_chunk_mb,
+            session=overrides.boto_session,
+            timeout=config.cdn.timeout,
+            deadline=config.cdn.deadline,
+            on_writer=journal.attach,
         )
 
-    account = Account(api, make_cdn)
+    account = Account(api, make_cdn, journal)
     cache = BigPartCache(config.cache_dir, config.resources.cache_max_bytes)
     resources = SplitResources(
         api,
         account.cdn,
         cache,
-        lambda: credentials.resource_key(config.resources.key),
+        overrides.resource_key or (lambda: credentials.resource_key(config.resources.key)),
         small_part_kb=config.resources.small_part_kb,
+        generations=Generations(config.generations_path),
+        upload_format=config.resources.format,
+        chunk_log2=config.resources.v2_chunk_log2,
     )
-    report = StatusLine(status_line)
     images = DockerImages(config.docker.base_url, config.docker.timeout)
-    unlock = UnlockJob(config, account, images, status_line=report)
+    unlock = UnlockJob(config, account, images, status_line=status_line or (lambda _line: None))
     prefetcher = Prefetcher(resources, config.resources.prefetch)
     account.on_login.append(prefetcher.kick)
     api_files = ApiFiles(api, config.state_dir, config.resources.api_max_bytes)
     handlers = Handlers(config, account, resources, unlock, api_files)
-    return Daemon(
+    return Services(
         config=config,
-        table=method_table(handlers),
         account=account,
         resources=resources,
         unlock=unlock,
+        images=images,
+        handlers=handlers,
+        table=method_table(handlers),
         session=session,
-        status=report,
+        login_credentials=login_credentials,
         prefetcher=prefetcher,
     )
+
+
+def build_dispatcher(table: MethodTable, *, workers: int = WORKERS) -> Dispatcher:
+    return Dispatcher(table, workers=workers)
+
+
+def build_rpc(table: MethodTable, sock: socket.socket, config: SocketConfig, *, workers: int = WORKERS) -> Rpc:
+    """The dispatcher for ``table`` and a server on the listening ``sock``."""
+    dispatcher = build_dispatcher(table, workers=workers)
+    server = Server(
+        sock,
+        dispatcher,
+        max_message_bytes=config.max_message_bytes,
+        admin_groups=config.admin_groups,
+        limits=ConnectionLimits(
+            max_connections=config.max_connections,
+            max_connections_per_uid=config.max_connections_per_uid,
+            max_buffered_bytes=config.max_buffered_bytes,
+            idle_timeout=config.idle_timeout,
+            stall_timeout=config.stall_timeout,
+        ),
+    )
+    return Rpc(dispatcher, server)
+
+
+def build(config: Config, overrides: Overrides = Overrides()) -> Daemon:
+    """The whole daemon. The socket comes first, so a second daemon fails (``ListenError``)
+    before it touches the state dir; if the services cannot be built, the socket is closed."""
+    notifier = Notifier(overrides.environ)
+    notifier.status("starting")
+    listener = open_listener(config.socket, overrides.environ)
+    try:
+        # The unlock job reports progress as systemd STATUS= lines (`systemctl status azaiond`).
+        services = build_services(config, overrides, status_line=notifier.status)
+    except BaseException:
+        listener.close()
+        raise
+    rpc = build_rpc(services.table, listener.sock, config.socket)
+    return Daemon(config=config, notifier=notifier, listener=listener, services=services, rpc=rpc)

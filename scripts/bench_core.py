@@ -7,6 +7,9 @@ Load (warm cache) of SIZE into a file, against:
   - bare loop: the same cryptography calls (update_into, reused buffers) with nothing around them.
 Upload of SIZE, against ``openssl enc`` to a file plus a boto3 ``upload_file`` of it to the same S3.
 Load through the daemon into a descriptor, against the in-process load.
+Format v2 (sealed AES-GCM chunks) against v1: warm load, upload, and the encryption alone (the
+plaintext file sealed or CBC-encrypted into a file, nothing else), since the upload's time is
+mostly the S3 server's when that is moto.
 
 Every variant runs in its own child process under ``/usr/bin/time -v`` for its peak RSS; an
 "idle" child that builds the same services and does no transfer is the RSS baseline. Variants
@@ -38,10 +41,10 @@ def _services(config_path: str) -> Any:
     from azaiond import wiring
     from azaiond.apiclient import Credentials
 
-    daemon = wiring.build(cfg.load(Path(config_path)))
+    services = wiring.build_services(cfg.load(Path(config_path)))
     creds = json.loads(os.environ["BENCH_LOGIN"])
-    daemon.account.login(Credentials(creds["email"], creds["password"]))
-    return daemon
+    services.account.login(Credentials(creds["email"], creds["password"]))
+    return services
 
 
 def child(args: list[str]) -> None:
@@ -59,10 +62,23 @@ def child(args: list[str]) -> None:
                 seconds = time.perf_counter() - t
     elif kind == "upload":
         daemon = _services(args[1])
+        fmt = int(args[4]) if len(args) > 4 else 1
         with open(args[3], "rb") as src:
             t = time.perf_counter()
-            daemon.resources.upload(args[2], FOLDER, src)
+            daemon.resources.upload(args[2], FOLDER, src, format=fmt, size=os.fstat(src.fileno()).st_size)
             seconds = time.perf_counter() - t
+    elif kind == "encrypt":
+        from azaiond import crypto, sealed
+
+        key, fmt = bytes.fromhex(args[1]), int(args[4])
+        t = time.perf_counter()
+        with open(args[2], "rb", buffering=0) as src, open(args[3], "wb") as dst:
+            if fmt == 1:
+                crypto.encrypt_stream(src, dst, key)
+            else:
+                header = sealed.make_header(sealed.MAGIC_SPLIT, key, 1, os.fstat(src.fileno()).st_size)
+                sealed.seal_stream(header, src, dst)
+        seconds = time.perf_counter() - t
     elif kind == "bare":
         from cryptography.hazmat.primitives import padding
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -208,8 +224,15 @@ def main() -> int:
                 stack.s3_admin_client().delete_object(Bucket=FOLDER, Key=f"baseline-{i}.bin")
                 enc.unlink()
 
-            for step in (ours, baseline) if i % 2 == 0 else (baseline, ours):
+            def ours_v2() -> None:
+                record("upload_v2", _measure(_py("upload", str(config), "res2.bin", str(plain), "2"), env))
+
+            for step in (ours, ours_v2, baseline) if i % 2 == 0 else (baseline, ours_v2, ours):
                 step()
+            enc_out = work / "enc-only.bin"
+            for fmt in (1, 2) if i % 2 == 0 else (2, 1):
+                record(f"encrypt_v{fmt}", _measure(_py("encrypt", key.hex(), str(plain), str(enc_out), str(fmt)), env))
+            enc_out.unlink()
 
             # The same ciphertext as one file for the decrypt baselines: small part + cached big part.
             small = stack.refserver.get_part(FOLDER, "res.bin.small")
@@ -225,7 +248,9 @@ def main() -> int:
                 shutil.copyfileobj(src, dst, CHUNK)
 
             # Load (warm cache), openssl, bare loop; alternating, same output path.
-            record("load", _measure(_py("load", str(config), "res.bin", str(out)), env))
+            for name, label in (("res.bin", "load"), ("res2.bin", "load_v2")) if i % 2 == 0 else (
+                ("res2.bin", "load_v2"), ("res.bin", "load")):
+                record(label, _measure(_py("load", str(config), name, str(out)), env))
             record(
                 "openssl",
                 _measure(
@@ -247,7 +272,8 @@ def main() -> int:
         rss = {k: max(r for _, r in v) for k, v in rows.items()}
         size_gib = args.size_mb / 1024
         print(f"\nbench_core: {args.size_mb} MiB, {args.repeat} runs, medians (peak RSS in MiB)")
-        for k in ("load", "bare", "openssl", "daemon_load", "upload", "upload_baseline", "idle"):
+        for k in ("load", "load_v2", "bare", "openssl", "daemon_load", "upload", "upload_v2", "upload_baseline",
+                  "encrypt_v1", "encrypt_v2", "idle"):
             extra = f"  rss {rss[k] / 1024:7.1f}" if rss[k] else ""
             samples = " ".join(f"{s:.3f}" for s, _ in rows[k])
             print(f"  {k:16s} {med[k]:8.3f} s  {size_gib / med[k] if med[k] else 0:6.2f} GiB/s{extra}  [{samples}]")
@@ -258,8 +284,11 @@ def main() -> int:
         print(f"  bare / openssl           {med['bare'] / med['openssl']:.3f}  (0.60 on a trial machine)")
         print(f"  upload / baseline        {med['upload'] / med['upload_baseline']:.3f}  (<= 1.10)")
         print(f"  daemon load / in-process {med['daemon_load'] / med['load']:.3f}  (<= 1.10)")
-        print(f"  load peak RSS above idle   {(rss['load'] - idle) / 1024:.1f} MiB  (<= 64)")
-        print(f"  upload peak RSS above idle {(rss['upload'] - idle) / 1024:.1f} MiB  (<= 64)")
+        print(f"  v2 load / v1 load        {med['load_v2'] / med['load']:.3f}  (<= 1.0)")
+        print(f"  v2 upload / v1 upload    {med['upload_v2'] / med['upload']:.3f}  (<= 0.7)")
+        print(f"  v2 encrypt / v1 encrypt  {med['encrypt_v2'] / med['encrypt_v1']:.3f}  (the upload's own work)")
+        for k in ("load", "load_v2", "upload", "upload_v2"):
+            print(f"  {k + ' peak RSS above idle':30s} {(rss[k] - idle) / 1024:.1f} MiB  (<= 64)")
     finally:
         if daemon is not None:
             daemon.stop()

@@ -261,3 +261,19 @@ def azaiond_factory(tmp_path: Path, short_tmp: Path) -> Iterator[Callable[..., D
 def azaiond(azaiond_factory: Callable[..., DaemonHandle]) -> DaemonHandle:
     """One daemon with the default test config."""
     return azaiond_factory()
+
+
+@pytest.fixture(scope="module")
+def daemon(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonHandle]:
+    """One daemon per test module, with nothing remote configured; shared by the module's tests.
+
+    A module lays config over the default with a ``DAEMON_CONFIG`` mapping of its own.
+    """
+    overrides: Mapping[str, Any] = getattr(request.module, "DAEMON_CONFIG", {})
+    sockdir = Path(tempfile.mkdtemp(prefix="azd", dir="/tmp"))
+    handle = start_daemon(tmp_path_factory.mktemp("daemon"), sockdir, overrides=overrides)
+    try:
+        yield handle
+    finally:
+        handle.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Fixtures: a private dockerd on a temp socket, and helpers that build test images offline.
 
-The engine is real (NOTES.md): ``dockerd`` with its own socket, data-root and exec-root under a
+The engine is real: ``dockerd`` with its own socket, data-root and exec-root under a
 short temp dir (a Unix socket path must stay under 108 bytes), no networking, overlay2. It is
 stopped by its PID at the end of the session. If it cannot start, the fixture fails with the
 reason instead of skipping, so a broken CI machine never passes the docker tests silently.

@@ -24,45 +24,28 @@ from typing import Any
 
 import pytest
 
+from azaiond import wiring
+from azaiond.config import SocketConfig
 from azaiond.rpc import peer as peer_mod
-from azaiond.rpc.dispatch import Dispatcher
-from azaiond.rpc.server import Server
 from azaiond.rpc.table import Access, Call, MethodSpec, Param
 from tests.fixtures_daemon import DaemonHandle, call_socket
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
+
+@pytest.fixture(autouse=True)
+def _root() -> None:
+    """These tests become nobody, which takes root: fail (never skip) without it, as the suite does."""
+    if os.geteuid() != 0:
+        pytest.fail("run the suite as root (it becomes nobody here)", pytrace=False)
 
 NOBODY = pwd.getpwnam("nobody")
 
-# Runs as root until it drops to nobody; json and socket are imported first, so nothing
-# needs reading from root-only paths afterwards.
-CHILD = r"""
-import json, os, socket, sys
-os.setgroups([])
-os.setgid(int(sys.argv[2]))
-os.setuid(int(sys.argv[3]))
-out = []
-for line in sys.stdin:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(sys.argv[1])
-    s.sendall(line.encode())
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        buf += chunk
-    s.close()
-    out.append(json.loads(buf))
-print(json.dumps(out))
-"""
+AS_NOBODY = Path(__file__).parent / "programs" / "as_nobody.py"
 
 
 def as_nobody(path: Path, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
     lines = "".join(json.dumps(r) + "\n" for r in requests)
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), str(NOBODY.pw_gid), str(NOBODY.pw_uid)],
+        [sys.executable, str(AS_NOBODY), str(path), str(NOBODY.pw_gid), str(NOBODY.pw_uid)],
         input=lines, capture_output=True, text=True, timeout=30, check=True,
     )
     result: list[dict[str, Any]] = json.loads(done.stdout)
@@ -96,12 +79,11 @@ def server_path() -> Iterator[Path]:
     lsock.bind(str(path))
     lsock.listen(16)
     path.chmod(0o666)
-    dispatcher = Dispatcher(TABLE, workers=2)
-    server = Server(lsock, dispatcher, max_message_bytes=1 << 20, admin_groups=("azaion-admin",))
-    asyncio.run_coroutine_threadsafe(server.start(), loop).result(5)
+    rpc = wiring.build_rpc(TABLE, lsock, SocketConfig(max_message_mb=1, admin_groups=("azaion-admin",)), workers=2)
+    asyncio.run_coroutine_threadsafe(rpc.server.start(), loop).result(5)
     yield path
-    asyncio.run_coroutine_threadsafe(server.shutdown(5), loop).result(10)
-    dispatcher.close()
+    asyncio.run_coroutine_threadsafe(rpc.server.shutdown(5), loop).result(10)
+    rpc.close()
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
     loop.close()

@@ -1,4 +1,4 @@
-"""The methods of SPEC section 7 through a real daemon process, a real Resource API and real S3."""
+"""The methods of docs/protocol.md through a real daemon process, a real Resource API and real S3."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def start(clean_stack: DevStack, azaiond_factory: Factory) -> Callable[..., Daem
 
 
 @pytest.fixture
-def daemon(start: Callable[..., DaemonHandle]) -> DaemonHandle:
+def logged_in(start: Callable[..., DaemonHandle]) -> DaemonHandle:
+    """A fresh daemon on the dev stack, logged in as its admin (each test may stop or kill it)."""
     return start()
 
 
@@ -92,22 +93,22 @@ def test_login_status_logout(start: Callable[..., DaemonHandle], clean_stack: De
     assert not (d.state_dir / "token.json").exists()
 
 
-def test_upload_and_load_through_descriptors(daemon: DaemonHandle, tmp_path: Path) -> None:
+def test_upload_and_load_through_descriptors(logged_in: DaemonHandle, tmp_path: Path) -> None:
     data = os.urandom(5 * 1024 * 1024 + 3)
     src = write_file(tmp_path / "in.bin", data)
-    up = ok(upload_fd(daemon, src, "fd.bin"))
+    up = ok(upload_fd(logged_in, src, "fd.bin"))
     assert up["size"] == len(data) and up["small_size"] == 3072
     out = tmp_path / "out.bin"
-    got = ok(load_fd(daemon, out, "fd.bin"))
-    assert got == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    got = ok(load_fd(logged_in, out, "fd.bin"))
+    assert got == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "format": 1}
     assert out.read_bytes() == data
 
 
-def test_inline_upload_and_load(daemon: DaemonHandle) -> None:
+def test_inline_upload_and_load(logged_in: DaemonHandle) -> None:
     data = os.urandom(40_000)
-    up = ok(daemon.call("upload", {"name": "inline.bin", "folder": FOLDER, "data": base64.b64encode(data).decode()}))
+    up = ok(logged_in.call("upload", {"name": "inline.bin", "folder": FOLDER, "data": base64.b64encode(data).decode()}))
     assert up["size"] == len(data)
-    got = ok(daemon.call("load", {"name": "inline.bin", "folder": FOLDER}))
+    got = ok(logged_in.call("load", {"name": "inline.bin", "folder": FOLDER}))
     assert base64.b64decode(got["data"]) == data
     assert got["sha256"] == hashlib.sha256(data).hexdigest() and got["size"] == len(data)
 
@@ -124,49 +125,49 @@ def test_inline_limit(start: Callable[..., DaemonHandle], tmp_path: Path) -> Non
     err(d.call("cdn_upload", {"bucket": FOLDER, "key": "big3.bin", "data": payload}), -32008, "too_large")
 
 
-def test_descriptor_opened_the_wrong_way(daemon: DaemonHandle, tmp_path: Path) -> None:
-    ok(daemon.call("upload", {"name": "ro.bin", "folder": FOLDER, "data": base64.b64encode(b"abc").decode()}))
+def test_descriptor_opened_the_wrong_way(logged_in: DaemonHandle, tmp_path: Path) -> None:
+    ok(logged_in.call("upload", {"name": "ro.bin", "folder": FOLDER, "data": base64.b64encode(b"abc").decode()}))
     target = write_file(tmp_path / "ro.out", b"")
-    message = err(load_fd(daemon, target, "ro.bin", flags=os.O_RDONLY), -32602, "invalid_params")
+    message = err(load_fd(logged_in, target, "ro.bin", flags=os.O_RDONLY), -32602, "invalid_params")
     assert "not open for writing" in message
     assert target.read_bytes() == b""
     fd = os.open(tmp_path / "wo.in", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        reply = daemon.call("upload", {"name": "wo.bin", "folder": FOLDER}, fd=fd)
+        reply = logged_in.call("upload", {"name": "wo.bin", "folder": FOLDER}, fd=fd)
     finally:
         os.close(fd)
     assert "not open for reading" in err(reply, -32602, "invalid_params")
-    both = daemon.call("upload", {"name": "x.bin", "folder": FOLDER, "data": "YQ=="}, fd=0)
+    both = logged_in.call("upload", {"name": "x.bin", "folder": FOLDER, "data": "YQ=="}, fd=0)
     assert "not both" in err(both, -32602, "invalid_params")
-    bad64 = daemon.call("upload", {"name": "x.bin", "folder": FOLDER, "data": "%%%"})
+    bad64 = logged_in.call("upload", {"name": "x.bin", "folder": FOLDER, "data": "%%%"})
     assert "base64" in err(bad64, -32602, "invalid_params")
 
 
-def test_cdn_transfer_both_ways(daemon: DaemonHandle, tmp_path: Path) -> None:
+def test_cdn_transfer_both_ways(logged_in: DaemonHandle, tmp_path: Path) -> None:
     data = os.urandom(300_000)
     src = write_file(tmp_path / "c.in", data)
     fd = os.open(src, os.O_RDONLY)
     try:
-        assert ok(daemon.call("cdn_upload", {"bucket": FOLDER, "key": "plain.bin"}, fd=fd)) == {"size": len(data)}
+        assert ok(logged_in.call("cdn_upload", {"bucket": FOLDER, "key": "plain.bin"}, fd=fd)) == {"size": len(data)}
     finally:
         os.close(fd)
     out = tmp_path / "c.out"
     fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        got = ok(daemon.call("cdn_download", {"bucket": FOLDER, "key": "plain.bin"}, fd=fd))
+        got = ok(logged_in.call("cdn_download", {"bucket": FOLDER, "key": "plain.bin"}, fd=fd))
     finally:
         os.close(fd)
     assert got == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert out.read_bytes() == data
-    inline = ok(daemon.call("cdn_download", {"bucket": FOLDER, "key": "plain.bin"}))
+    inline = ok(logged_in.call("cdn_download", {"bucket": FOLDER, "key": "plain.bin"}))
     assert base64.b64decode(inline["data"]) == data
-    err(daemon.call("cdn_download", {"bucket": FOLDER, "key": "absent.bin"}), -32003, "not_found")
-    err(daemon.call("cdn_download", {"bucket": "Bad_Bucket", "key": "k"}), -32009, "invalid_name")
+    err(logged_in.call("cdn_download", {"bucket": FOLDER, "key": "absent.bin"}), -32003, "not_found")
+    err(logged_in.call("cdn_download", {"bucket": "Bad_Bucket", "key": "k"}), -32009, "invalid_name")
 
 
 def test_errors_by_kind(start: Callable[..., DaemonHandle], clean_stack: DevStack) -> None:
     d = start(login=False, api={"retries": 1})
-    # Names are checked before authentication (SPEC section 7: names -> authentication -> work).
+    # Names are checked before authentication (names -> authentication -> work).
     err(d.call("load", {"name": "../etc/passwd", "folder": FOLDER}), -32009, "invalid_name")
     err(d.call("load", {"name": "a.bin", "folder": "a/b"}), -32009, "invalid_name")
     err(d.call("load", {"name": "a.bin", "folder": FOLDER}), -32001, "not_authenticated")
@@ -193,16 +194,16 @@ def test_hardware_mismatch(start: Callable[..., DaemonHandle], clean_stack: DevS
 
 
 @pytest.fixture
-def big_resource(daemon: DaemonHandle, tmp_path: Path) -> Iterator[bytes]:
+def big_resource(logged_in: DaemonHandle, tmp_path: Path) -> Iterator[bytes]:
     data = os.urandom(64 * 1024 * 1024)
-    ok(upload_fd(daemon, write_file(tmp_path / "big64.bin", data), "big64.bin"))
+    ok(upload_fd(logged_in, write_file(tmp_path / "big64.bin", data), "big64.bin"))
     yield data
 
 
-def _start_load_into_pipe(daemon: DaemonHandle, name: str) -> tuple[Any, int]:
+def _start_load_into_pipe(logged_in: DaemonHandle, name: str) -> tuple[Any, int]:
     """Send a load whose output is a pipe nobody reads yet; returns (connection, read end)."""
     r, w = os.pipe()
-    conn = daemon.connect(timeout=120)
+    conn = logged_in.connect(timeout=120)
     import socket as socket_mod
 
     socket_mod.send_fds(conn, [request_line("load", {"name": name, "folder": FOLDER}, 7)], [w])
@@ -220,13 +221,13 @@ def _drain(r: int) -> int:
     return total
 
 
-def test_stuck_load_does_not_delay_health_or_status(daemon: DaemonHandle, big_resource: bytes) -> None:
-    conn, r = _start_load_into_pipe(daemon, "big64.bin")
+def test_stuck_load_does_not_delay_health_or_status(logged_in: DaemonHandle, big_resource: bytes) -> None:
+    conn, r = _start_load_into_pipe(logged_in, "big64.bin")
     try:
         # The load's thread is blocked on a full pipe; open methods still answer.
-        assert ok(daemon.call("health", timeout=5)) == {"status": "healthy"}
-        assert ok(daemon.call("status", timeout=5))["authenticated"] is True
-        assert ok(daemon.call("unlock_status", timeout=5))["state"] in ("idle", "ready", "error")
+        assert ok(logged_in.call("health", timeout=5)) == {"status": "healthy"}
+        assert ok(logged_in.call("status", timeout=5))["authenticated"] is True
+        assert ok(logged_in.call("unlock_status", timeout=5))["state"] in ("idle", "ready", "error")
     finally:
         total = _drain(r) + 65536
         reply = json.loads(recv_line(conn, 120))
@@ -235,29 +236,31 @@ def test_stuck_load_does_not_delay_health_or_status(daemon: DaemonHandle, big_re
     assert total >= len(big_resource)
 
 
-def test_sigterm_during_a_64mib_load(daemon: DaemonHandle, big_resource: bytes) -> None:
-    conn, r = _start_load_into_pipe(daemon, "big64.bin")
-    daemon.proc.send_signal(signal.SIGTERM)
+def test_sigterm_during_a_64mib_load(logged_in: DaemonHandle, big_resource: bytes) -> None:
+    conn, r = _start_load_into_pipe(logged_in, "big64.bin")
+    logged_in.proc.send_signal(signal.SIGTERM)
     received = _drain(r)
     line = recv_line(conn, 60)
     conn.close()
-    assert daemon.proc.wait(60) == 0
-    if line:  # finished, or cancelled cleanly with a precise error
-        reply = json.loads(line)
-        if "error" in reply:
-            assert reply["error"]["data"]["kind"] == "cancelled"
-            assert received < len(big_resource)
-        else:
-            assert reply["result"]["size"] == len(big_resource)
-    leftovers = [p for p in daemon.state_dir.rglob("*") if p.name.endswith(".tmp")]
+    assert logged_in.proc.wait(60) == 0
+    # The caller always gets an answer: the whole load, or a precise cancellation.
+    assert line, "the daemon stopped without answering the load in flight"
+    reply = json.loads(line)
+    if "error" in reply:
+        assert reply["error"]["data"]["kind"] == "cancelled", reply
+        assert received < len(big_resource)
+    else:
+        assert reply["result"]["size"] == len(big_resource), reply
+        assert received > 0
+    leftovers = [p for p in logged_in.state_dir.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
-    assert not daemon.socket_path.exists()
-    assert "Traceback" not in daemon.log_text()
+    assert not logged_in.socket_path.exists()
+    assert "Traceback" not in logged_in.log_text()
 
 
-def test_64_concurrent_clients(daemon: DaemonHandle) -> None:
+def test_64_concurrent_clients(logged_in: DaemonHandle) -> None:
     data = os.urandom(200_000)
-    ok(daemon.call("upload", {"name": "many.bin", "folder": FOLDER, "data": base64.b64encode(data).decode()}))
+    ok(logged_in.call("upload", {"name": "many.bin", "folder": FOLDER, "data": base64.b64encode(data).decode()}))
     digest = hashlib.sha256(data).hexdigest()
     failures: list[str] = []
     barrier = threading.Barrier(64)
@@ -268,7 +271,7 @@ def test_64_concurrent_clients(daemon: DaemonHandle) -> None:
             for j in range(6):
                 method = ("health", "status", "load")[(i + j) % 3]
                 params = {"name": "many.bin", "folder": FOLDER} if method == "load" else None
-                reply = daemon.call(method, params, timeout=60)
+                reply = logged_in.call(method, params, timeout=60)
                 if "error" in reply:
                     failures.append(f"{method}: {reply['error']}")
                 elif method == "load" and reply["result"]["sha256"] != digest:

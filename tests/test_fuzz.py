@@ -15,13 +15,10 @@ import os
 import random
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.fixtures_daemon import DaemonHandle, start_daemon
+from tests.fixtures_daemon import DaemonHandle
 
 FRAMES = 10_500
 CONNECTIONS = 4
@@ -39,14 +36,7 @@ TEMPLATES = [
 ALPHABET = b'{}[]",:0123456789.-+eEtrufalsn \\"jsonrpcmethodidparams\x00\xff\xc3'
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonHandle]:
-    sockdir = Path("/tmp") / f"azf{os.getpid()}"
-    sockdir.mkdir(exist_ok=True)
-    handle = start_daemon(tmp_path_factory.mktemp("fuzz"), sockdir, overrides={"log_level": "warning"})
-    yield handle
-    handle.stop()
-    sockdir.rmdir()
+DAEMON_CONFIG = {"log_level": "warning"}  # read by the daemon fixture
 
 
 def random_json(rng: random.Random, depth: int = 0) -> Any:

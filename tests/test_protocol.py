@@ -1,4 +1,4 @@
-"""The socket protocol (SPEC section 7): framing, JSON-RPC errors, batches, descriptors.
+"""The socket protocol (docs/protocol.md): framing, JSON-RPC errors, batches, descriptors.
 
 Process-level tests talk raw JSON to one daemon; dispatch rules that need methods the daemon
 may not have (params, types, handler errors, descriptors) run in-process on a table of ours.
@@ -13,30 +13,23 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from azaiond import wiring
 from azaiond.errors import NotFound
-from azaiond.rpc.dispatch import Dispatcher, validate_params
+from azaiond.rpc.dispatch import validate_params
 from azaiond.rpc.table import Access, Call, MethodSpec, Param, Peer
-from tests.fixtures_daemon import DaemonHandle, recv_line, recv_lines, request_line, start_daemon
+from tests.fixtures_daemon import DaemonHandle, recv_line, recv_lines, request_line
 
 CAP = 1024 * 1024  # socket.max_message_mb: 1
 HEALTHY = {"status": "healthy"}
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonHandle]:
-    sockdir = Path("/tmp") / f"azp{os.getpid()}"
-    sockdir.mkdir(exist_ok=True)
-    overrides = {"socket": {"max_message_mb": 1}}
-    handle = start_daemon(tmp_path_factory.mktemp("proto"), sockdir, overrides=overrides)
-    yield handle
-    handle.stop()
-    sockdir.rmdir()
+DAEMON_CONFIG = {"socket": {"max_message_mb": 1}}  # read by the daemon fixture
 
 
 def ask(d: DaemonHandle, data: bytes) -> dict[str, Any] | list[Any]:
@@ -267,7 +260,7 @@ def run(msg: Any, peer: Peer = ROOT, fds: tuple[int, ...] = ()) -> Any:
     line = msg if isinstance(msg, bytes) else json.dumps(msg).encode()
 
     async def go() -> bytes | None:
-        d = Dispatcher(TABLE, workers=4)
+        d = wiring.build_dispatcher(TABLE, workers=4)
         try:
             return await d.handle(line, peer, fds)
         finally:

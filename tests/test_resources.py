@@ -18,10 +18,10 @@ import boto3
 import pytest
 import requests
 
-from azaiond import crypto
+from azaiond import crypto, wiring
 from azaiond.account import Account
 from azaiond.apiclient import Credentials, ResourceApi
-from azaiond.cdn import Cdn, CdnSettings
+from azaiond.config import ApiConfig, CdnConfig, Config
 from azaiond.errors import (
     CdnError,
     HardwareMismatch,
@@ -32,7 +32,6 @@ from azaiond.errors import (
     UpstreamError,
 )
 from azaiond.resources import SplitResources, small_size
-from azaiond.tokencache import TokenCache
 from tests.support.devstack import DevStack
 
 FOLDER = "models"
@@ -67,7 +66,7 @@ def free_port() -> int:
 @pytest.fixture
 def make_engine(clean_stack: DevStack, tmp_path: Path) -> Iterator[Callable[..., Engine]]:
     stack = clean_stack
-    sessions: list[requests.Session] = []
+    built: list[wiring.Services] = []
 
     def make(
         *,
@@ -81,34 +80,35 @@ def make_engine(clean_stack: DevStack, tmp_path: Path) -> Iterator[Callable[...,
         login: bool = True,
     ) -> Engine:
         state_dir = tmp_path / state
-        session = requests.Session()
-        sessions.append(session)
-        api = ResourceApi(
-            session,
-            api_url or stack.api_url,
-            hardware or stack.hardware,
-            token_cache=TokenCache(state_dir / "token.json"),
-            retries=retries,
-            timeout=5,
-            backoff=0.01,
-        )
+        session = requests.Session()  # closed with the services
         gets: list[str] = []
         boto = boto3.session.Session()
         boto.events.register("before-send.s3.GetObject", lambda **kw: gets.append(kw["request"].url))
-
-        def make_cdn(settings: CdnSettings) -> Cdn:
-            return Cdn(settings, endpoint=cdn_endpoint or stack.s3_url, retries=0, session=boto)
-
-        account = Account(api, make_cdn)
-        resources = SplitResources(api, account.cdn, state_dir / "cache", lambda: stack.resource_key)
+        config = Config(
+            api=ApiConfig(url=api_url or stack.api_url, retries=retries, timeout=5, backoff=0.01),
+            state_dir=state_dir,
+            hardware=hardware or stack.hardware,
+            cdn=CdnConfig(endpoint=cdn_endpoint or stack.s3_url, retries=0),
+        )
+        services = wiring.build_services(
+            config,
+            wiring.Overrides(
+                session=session,
+                boto_session=boto,
+                login_credentials=lambda: None,
+                resource_key=lambda: stack.resource_key,
+            ),
+        )
+        built.append(services)
+        api, account, resources = services.account.api, services.account, services.resources
         if login:
             account.login(Credentials(email or stack.admin.email, password or stack.admin.password))
         return Engine(api, account, resources, gets, state_dir)
 
     stack.ensure_bucket(FOLDER)
     yield make
-    for session in sessions:
-        session.close()
+    for services in built:
+        services.close()
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Sealing images.enc (SPEC section 4): the format is checked with openssl, the CLI end to end."""
+"""Sealing images.enc (docs/formats.md): the format is checked with openssl, the CLI end to end."""
 
 from __future__ import annotations
 

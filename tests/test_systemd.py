@@ -76,21 +76,11 @@ def test_notifier_is_a_no_op_without_notify_socket() -> None:
     n.stopping()
 
 
-# What systemd does for a socket-activated service: the socket at fd 3, LISTEN_PID naming the
-# process that execs the daemon (exec keeps the pid), LISTEN_FDS=1.
-ACTIVATE = """
-import os, sys
-fd = int(sys.argv[1])
-os.dup2(fd, 3)
-os.close(fd)
-os.environ["LISTEN_PID"] = str(os.getpid())
-os.environ["LISTEN_FDS"] = "1"
-os.execv(sys.executable, [sys.executable, "-m", "azaiond.daemon", "--config", sys.argv[2]])
-"""
+ACTIVATE = Path(__file__).parent / "programs" / "activate.py"  # what systemd does for a socket unit
 
 
 def activated(fd: int, config: Path) -> list[str]:
-    return [sys.executable, "-c", ACTIVATE, str(fd), str(config)]
+    return [sys.executable, str(ACTIVATE), str(fd), str(config)]
 
 
 def test_socket_activation(azaiond_factory: Factory, short_tmp: Path) -> None:
@@ -233,8 +223,8 @@ def test_shutdown_cancels_and_waits_for_calls_in_flight(short_tmp: Path) -> None
     from collections.abc import Mapping
     from typing import Any
 
-    from azaiond.rpc.dispatch import Dispatcher
-    from azaiond.rpc.server import Server
+    from azaiond import wiring
+    from azaiond.config import SocketConfig
     from azaiond.rpc.table import Access, Call, MethodSpec
     from tests.fixtures_daemon import call_socket
 
@@ -251,8 +241,9 @@ def test_shutdown_cancels_and_waits_for_calls_in_flight(short_tmp: Path) -> None
         lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         lsock.bind(str(path))
         lsock.listen(8)
-        dispatcher = Dispatcher({"slow": MethodSpec("slow", slow, Access.OPEN)}, workers=2)
-        server = Server(lsock, dispatcher, max_message_bytes=1 << 20)
+        table = {"slow": MethodSpec("slow", slow, Access.OPEN)}
+        rpc = wiring.build_rpc(table, lsock, SocketConfig(max_message_mb=1), workers=2)
+        server = rpc.server
         await server.start()
         idle = socket.socket(socket.AF_UNIX)  # an idle connection must not hold shutdown up
         await asyncio.get_running_loop().sock_connect(idle, str(path))
@@ -263,7 +254,7 @@ def test_shutdown_cancels_and_waits_for_calls_in_flight(short_tmp: Path) -> None
         done = await server.shutdown(timeout=10)
         await asyncio.get_running_loop().run_in_executor(None, client.join, 10)
         idle.close()
-        dispatcher.close()
+        rpc.close()
         return done
 
     assert asyncio.run(main()) is True

@@ -20,7 +20,7 @@ KEY = crypto.aes_key("unit-test-secret")
 
 
 def test_jsonrpcserver_imports() -> None:
-    # NOTES.md: jsonrpcserver 5.0.9 is reported broken on some Pythons; fail loudly here.
+    # jsonrpcserver 5.0.9 is reported broken on some Pythons; fail loudly here.
     from jsonrpcserver import JsonRpcError
     from jsonrpcserver.async_main import dispatch_to_response
 
@@ -157,3 +157,35 @@ def test_hardware_description_from_a_fake_root(tmp_path: Path) -> None:
     (tmp_path / "sys/block/nvme0n1/device/serial").write_text("SN123 \n")
     (tmp_path / "sys/block/loop0").mkdir(parents=True)
     assert hardware.describe(tmp_path) == "CPU: Test CPU 3000. GPU: none. Memory: 16384. DriveSerial: SN123."
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_conffile_states_the_socket_limits_at_their_defaults() -> None:
+    import yaml
+
+    shipped = config.parse(yaml.safe_load((REPO / "debian" / "config.yaml").read_text()))
+    assert shipped.socket == config.SocketConfig()
+    d = config.SocketConfig()
+    assert (d.max_connections, d.max_connections_per_uid, d.max_buffered_mb) == (256, 32, 96)
+    assert (d.idle_timeout, d.stall_timeout) == (300.0, 30.0)
+    with pytest.raises(ConfigError, match=r"socket\.stall_timeout"):
+        config.parse({"socket": {"stall_timeout": 0}})
+
+
+def test_unit_limits_sit_above_the_per_peer_limits(tmp_path: Path) -> None:
+    unit = (REPO / "systemd" / "azaiond.service").read_text()
+    keys = dict(line.split("=", 1) for line in unit.splitlines() if line and line[0].isalpha() and "=" in line)
+    d = config.SocketConfig()
+    # Every allowed connection may hold a few descriptors (a message's, the unfinished one's).
+    assert int(keys["LimitNOFILE"]) >= 10 * d.max_connections
+    assert keys["MemoryHigh"] == "1G" and keys["MemoryMax"] == "1536M"
+    assert int(keys["TasksMax"]) >= 1024
+    # The whole unit still verifies cleanly (ExecStart= must exist on the checking machine).
+    (tmp_path / "azaiond.service").write_text(unit.replace("/usr/bin/azaiond", "/bin/true"))
+    socket_unit = (REPO / "systemd" / "azaiond.socket").read_text()
+    (tmp_path / "azaiond.socket").write_text(socket_unit)
+    done = subprocess.run(["systemd-analyze", "verify", "--man=no", "azaiond.service", "azaiond.socket"],
+                          check=False, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == "", done.stderr

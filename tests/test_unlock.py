@@ -21,13 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import requests
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from azaiond import crypto
-from azaiond.account import Account
-from azaiond.apiclient import Credentials, ResourceApi
-from azaiond.cdn import Cdn, CdnSettings
+from azaiond import crypto, wiring
+from azaiond.apiclient import Credentials
 from azaiond.config import ApiConfig, Config, DockerConfig, UnlockConfig
 from azaiond.errors import IntegrityError
 from azaiond.images import DockerImages
@@ -39,6 +36,8 @@ from tests.support.devdocker import Dockerd
 from tests.support.refserver import RefServer, User
 
 pytestmark = pytest.mark.docker
+
+PROGRAMS = Path(__file__).parent / "programs"
 
 EMAIL = "unlock@example.com"
 PASSWORD = "unlock-" + secrets.token_hex(8)
@@ -103,15 +102,15 @@ def _no_test_images(dockerd: Dockerd) -> Iterator[None]:
     dockerd.remove_images(NAME, BIG_NAME)
 
 
-def _no_cdn(settings: CdnSettings) -> Cdn:
-    raise AssertionError("unlock must not touch the CDN")
-
-
 @dataclass
 class Harness:
-    job: UnlockJob
+    services: wiring.Services
     config: Config
     lines: list[str] = field(default_factory=list)
+
+    @property
+    def job(self) -> UnlockJob:
+        return self.services.unlock
 
     def wait(self, timeout: float = 120) -> dict[str, object]:
         deadline = time.monotonic() + timeout
@@ -134,6 +133,7 @@ def make_config(
     return Config(
         api=ApiConfig(url=api_url, retries=3, timeout=10, backoff=0.01),
         state_dir=state_dir,
+        hardware="CPU: test. GPU: none. Memory: 1 kB. DriveSerial: x.",
         unlock=UnlockConfig(archive=archive, version=VERSION, images=images),
         docker=DockerConfig(base_url=docker_url, timeout=600),
     )
@@ -153,24 +153,18 @@ def harness(
         fallback: Credentials | None = CREDS,
     ) -> Harness:
         config = make_config(tmp_path / "state", api_server.url, docker_url or dockerd.url, archive, images)
-        api = ResourceApi(
-            requests.Session(),
-            config.api.url,
-            "CPU: test. GPU: none. Memory: 1 kB. DriveSerial: x.",
-            fallback_credentials=lambda: fallback,
-            retries=config.api.retries,
-            timeout=config.api.timeout,
-            backoff=config.api.backoff,
-        )
         lines: list[str] = []
-        images_api = DockerImages(config.docker.base_url, config.docker.timeout)
-        h = Harness(UnlockJob(config, Account(api, _no_cdn), images_api, lines.append), config, lines)
+        # This Resource API serves no cdn.yaml: an unlock that reached for the CDN would fail.
+        services = wiring.build_services(
+            config, wiring.Overrides(login_credentials=lambda: fallback), status_line=lines.append
+        )
+        h = Harness(services, config, lines)
         made.append(h)
         return h
 
     yield make
     for h in made:
-        h.job.close()
+        h.services.close()
 
 
 def _error_kind(status: dict[str, object]) -> object:
@@ -490,27 +484,6 @@ def test_close_cancels_a_running_job(
 
 # -- a crash in the middle of a run -------------------------------------------------------------
 
-_CHILD = """
-import sys, requests
-from pathlib import Path
-from azaiond.account import Account
-from azaiond.apiclient import Credentials, ResourceApi
-from azaiond.images import DockerImages
-from azaiond.unlock import UnlockJob
-from tests.test_unlock import make_config
-
-state, api_url, docker_url, archive, image, email, password = sys.argv[1:]
-config = make_config(Path(state), api_url, docker_url, Path(archive), (image,))
-creds = Credentials(email, password)
-api = ResourceApi(requests.Session(), api_url, "hw", fallback_credentials=lambda: creds)
-def line(text):
-    print(text, flush=True)
-job = UnlockJob(config, Account(api, None), DockerImages(docker_url, 600), line)
-job.start(None)
-import time
-while True:
-    time.sleep(1)
-"""
 
 
 def test_kill_9_mid_unlock_then_unlock_again(
@@ -524,7 +497,7 @@ def test_kill_9_mid_unlock_then_unlock_again(
     state = tmp_path / "state"
     args = [state, api_server.url, dockerd.url, sealed_big.enc, BIG_NAME, EMAIL, PASSWORD]
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, *map(str, args)],
+        [sys.executable, str(PROGRAMS / "unlock_child.py"), *map(str, args)],
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).parent.parent,
@@ -550,7 +523,8 @@ def test_kill_9_mid_unlock_then_unlock_again(
     assert dockerd.cli("image", "inspect", "--format", "{{.Id}}", BIG_NAME).strip() == sealed_big.image_id
     assert dockerd.all_images() - before == {sealed_big.image_id}
     assert dockerd.cli("images", "-q", "--filter", "dangling=true") == ""
-    assert sorted(p.name for p in state.iterdir()) == ["unlock.json"]
+    # No temp file left behind: only the outcome, the login token and the (empty) cache dir.
+    assert sorted(p.name for p in state.iterdir()) == ["cache", "token.json", "unlock.json"]
     assert not list((dockerd.root / "data" / "tmp").glob("docker-import-*"))
 
 
@@ -698,45 +672,6 @@ def test_daemon_kill_9_mid_unlock_then_unlock_again(
 
 # -- Debian's docker SDK (python3-docker 5.0.3) ---------------------------------------------------
 
-_DEBIAN_CHECK = """
-import sys
-import docker
-from azaiond.errors import DockerError
-from azaiond.images import DockerImages
-
-url, name, tar, dead = sys.argv[1:]
-print("sdk", docker.__version__)
-images = DockerImages(url, 600)
-assert images.missing([name]) == [name]
-data = open(tar, "rb").read()
-
-class Stop(Exception):
-    pass
-
-def failing():
-    yield data[:-2048]
-    raise Stop()
-
-try:
-    images.load(failing())
-    raise SystemExit("a failing generator must raise")
-except Stop:
-    pass
-assert images.missing([name]) == [name], "nothing may be loaded from a failed stream"
-try:
-    images.load(iter([b"not a tar" * 1000]))
-    raise SystemExit("garbage must be refused")
-except DockerError as exc:
-    print("refused:", exc)
-loaded = images.load(iter([data[i : i + 65536] for i in range(0, len(data), 65536)]))
-assert images.missing([name]) == [], loaded
-print("id", images.image_id(name))
-try:
-    DockerImages(dead, 5).missing([name])
-    raise SystemExit("a dead engine must fail")
-except DockerError as exc:
-    print("dead:", exc)
-"""
 
 
 def test_images_work_with_debians_docker_sdk(sealed: Sealed, dockerd: Dockerd, tmp_path: Path) -> None:
@@ -747,7 +682,7 @@ def test_images_work_with_debians_docker_sdk(sealed: Sealed, dockerd: Dockerd, t
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     args = [dockerd.url, sealed.name, str(sealed.tar), f"unix://{tmp_path}/dead.sock"]
     proc = subprocess.run(
-        [python, "-c", _DEBIAN_CHECK, *args], capture_output=True, text=True, env=env, check=False
+        [python, str(PROGRAMS / "debian_docker_check.py"), *args], capture_output=True, text=True, env=env, check=False
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "sdk 5." in proc.stdout

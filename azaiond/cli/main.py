@@ -1,4 +1,4 @@
-"""azaionctl: the command line for azaiond (one subcommand per method of SPEC section 7).
+"""azaionctl: the command line for azaiond (one subcommand per method of docs/protocol.md).
 
 Bytes never travel through this process: for ``load`` and ``cdn-download`` the CLI opens the
 output file itself (with the caller's rights) and passes the descriptor; for ``upload`` and
@@ -211,7 +211,9 @@ def cmd_cdn_download(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_upload(ctx: Context, args: argparse.Namespace) -> int:
-    params = {"name": args.name, "folder": args.folder}
+    params: dict[str, Any] = {"name": args.name, "folder": args.folder}
+    if args.format is not None:
+        params["format"] = args.format
     result = _upload(ctx, "upload", params, args.file, f"upload {args.folder}/{args.name}")
     ctx.show(
         result,
@@ -338,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="input file, - for stdin")
     p.add_argument("name")
     p.add_argument("--folder", required=True)
+    p.add_argument(
+        "--format", type=int, choices=(1, 2), help="1 (readable by every loader) or 2 (authenticated); "
+        "default: the daemon's resources.format"
+    )
 
     p = add("cdn-upload", cmd_cdn_upload, "put a file on the CDN as-is")
     p.add_argument("file", help="input file, - for stdin")

@@ -1,6 +1,6 @@
 """From one received line to its reply: parse, request shape, then jsonrpcserver for the rest.
 
-Check order (SPEC section 7): parse -> request shape -> method exists -> access -> params ->
+Check order (docs/protocol.md): parse -> request shape -> method exists -> access -> params ->
 the handler. Parsing and shape checks are ours: jsonrpcserver's jsonschema validator costs
 about 50 us a call and refuses a whole batch for one bad element, while JSON-RPC wants one
 -32600 per bad element. jsonrpcserver then finds the method (-32601) and calls our wrapper,
@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
@@ -42,6 +43,13 @@ INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 FORBIDDEN = -32002
 TOO_LARGE = -32008
+
+# Progress notifications for one call: at most one per this many seconds (and the last).
+PROGRESS_INTERVAL = 0.25
+
+# Sends one complete line (newline included) to the caller ahead of the reply; called from
+# worker threads.
+Notify = Callable[[bytes], None]
 
 _REQUEST_KEYS = frozenset(("jsonrpc", "method", "params", "id"))
 _JSON_NAMES: dict[type, str] = {
@@ -137,11 +145,22 @@ def may_call(spec: MethodSpec, peer: Peer) -> bool:
 class _Context:
     """What a wrapper needs about the message it serves; one per message, shared in a batch."""
 
-    __slots__ = ("deferred", "fd", "fd_error", "fds", "peer")
+    __slots__ = ("cancel", "deferred", "fd", "fd_error", "fds", "notify", "peer", "request_id")
 
-    def __init__(self, peer: Peer, fds: Sequence[int], batch: bool) -> None:
+    def __init__(
+        self,
+        peer: Peer,
+        fds: Sequence[int],
+        batch: bool,
+        cancel: threading.Event,
+        notify: Notify | None = None,
+    ) -> None:
         self.peer = peer
         self.fds = fds
+        self.cancel = cancel
+        # Progress notifications go to a single request with an id; never inside a batch.
+        self.notify = None if batch else notify
+        self.request_id: Any = None
         self.fd: int | None = fds[0] if len(fds) == 1 and not batch else None
         self.fd_error: str | None = None
         if len(fds) > 1:
@@ -191,6 +210,29 @@ _WRAPPER_SIGNATURE = inspect.Signature(
 )
 
 
+class _Progress:
+    """Call.progress for a caller who asked for it: throttled notification lines."""
+
+    __slots__ = ("_id", "_last", "_notify")
+
+    def __init__(self, notify: Notify, id_: Any) -> None:
+        self._notify = notify
+        self._id = id_
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - self._last < PROGRESS_INTERVAL and done != total:
+            return
+        self._last = now
+        params = {"id": self._id, "done": done, "total": total}
+        line = _encoder.encode({"jsonrpc": "2.0", "method": "progress", "params": params}).encode() + b"\n"
+        try:
+            self._notify(line)
+        except Exception:
+            log.exception("sending a progress notification failed")
+
+
 class Dispatcher:
     """Turns received lines into reply lines, running handlers on the loop or on worker threads."""
 
@@ -235,13 +277,18 @@ class Dispatcher:
                 raise JsonRpcError(FORBIDDEN, "forbidden", {"kind": "forbidden"})
             if len(args) > 1:
                 raise JsonRpcError(INVALID_PARAMS, "params must be named", {"kind": "invalid_params"})
+            wants_progress = kwargs.pop("progress", False)
+            if type(wants_progress) is not bool:
+                raise JsonRpcError(INVALID_PARAMS, "param 'progress' must be boolean", {"kind": "invalid_params"})
             try:
                 validate_params(params, kwargs)
             except InvalidParams as exc:
                 raise JsonRpcError(exc.code, exc.message, {"kind": exc.kind}) from None
             if ctx.fd_error is not None:
                 raise JsonRpcError(INVALID_PARAMS, ctx.fd_error, {"kind": "invalid_params"})
-            call = Call(peer=ctx.peer, params=kwargs, fd=ctx.fd, cancel=self.cancel)
+            call = Call(peer=ctx.peer, params=kwargs, fd=ctx.fd, cancel=ctx.cancel)
+            if wants_progress and ctx.notify is not None and ctx.request_id is not None:
+                call.progress = _Progress(ctx.notify, ctx.request_id)
             try:
                 if blocking:
                     result = await self._run_thread(handler, call, ctx)
@@ -282,11 +329,24 @@ class Dispatcher:
                 future.add_done_callback(lambda _: _close_fds(fds))
             raise
 
-    async def handle(self, line: bytes, peer: Peer, fds: Sequence[int] = ()) -> bytes | None:
+    async def handle(
+        self,
+        line: bytes,
+        peer: Peer,
+        fds: Sequence[int] = (),
+        *,
+        cancel: threading.Event | None = None,
+        notify: Notify | None = None,
+    ) -> bytes | None:
         """The reply line for one received line (newline stripped), or None when none is due.
 
         Takes ownership of ``fds``: they are closed once every handler of the line returned.
+        ``cancel`` becomes ``Call.cancel`` of the calls of this line (default: the
+        dispatcher's own event, set at shutdown). ``notify`` sends one complete line
+        (newline included) to the caller ahead of the reply; it may be called from worker
+        threads, and is used only for a single request that passed ``"progress": true``.
         """
+        cancel = cancel or self.cancel
         ctx: _Context | None = None
         try:
             try:
@@ -296,10 +356,10 @@ class Dispatcher:
             if type(obj) is dict:
                 if not shape_ok(obj):
                     return INVALID_REQUEST_LINE
-                ctx = _Context(peer, fds, batch=False)
+                ctx = _Context(peer, fds, False, cancel, notify)
                 return await self._single(obj, ctx)
             if type(obj) is list and obj:
-                ctx = _Context(peer, fds, batch=True)
+                ctx = _Context(peer, fds, True, cancel)
                 return await self._batch(obj, ctx)
             return INVALID_REQUEST_LINE
         finally:
@@ -311,6 +371,8 @@ class Dispatcher:
         # asyncio.gather (a Task, an extra loop turn: ~15 us of a ~35 us round trip), so a
         # single request goes straight to its per-request step, which does the same work.
         request = create_request(obj)
+        if request.id is not NOID:
+            ctx.request_id = request.id
         _, result = await dispatch_request(self._methods, ctx, request)
         if request.id is NOID:
             return None  # a notification: no reply, whatever happened

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 SD_LISTEN_FDS_START = 3
 SOCKET_MODE = 0o660
-BACKLOG = 128
+BACKLOG = socket.SOMAXCONN  # as systemd's Backlog= default: a burst of connects waits, not fails
 
 
 class ListenError(Exception):
@@ -30,7 +30,6 @@ class Listener:
     sock: socket.socket
     # The path we bound and must remove on shutdown; None when systemd owns the socket.
     bound_path: Path | None
-    activated: bool
 
     def close(self) -> None:
         """Close the socket and remove the file we created (never one systemd created)."""
@@ -144,7 +143,7 @@ def open_listener(cfg: SocketConfig, environ: MutableMapping[str, str] | None = 
     if fd is not None:
         sock = _from_systemd(fd)
         log.info("using the socket passed by systemd")
-        return Listener(sock=sock, bound_path=None, activated=True)
+        return Listener(sock=sock, bound_path=None)
     sock = _bind(cfg)
     log.info("listening on %s", cfg.path)
-    return Listener(sock=sock, bound_path=cfg.path, activated=False)
+    return Listener(sock=sock, bound_path=cfg.path)

@@ -12,80 +12,47 @@ claims is closed at once.
 
 Requests on one connection are answered in order, one at a time; connections run
 concurrently.
+
+A caller that goes away cancels its call. Every connection is watched for the peer's hang-up
+by an epoll set of our own (registered for no event: EPOLLHUP is always reported, and only a
+full close raises it, not a half-close) whose descriptor the loop watches; so a busy
+connection, which reads nothing ahead, still learns at once that its caller left. Its
+``cancel`` event becomes the calls' ``Call.cancel``.
+
+Progress notifications (docs/protocol.md; the dispatcher builds and throttles them) are
+written from the loop between a request and its reply, and only when the socket takes them
+at once: a caller that does not read them gets fewer, never a stalled call.
 """
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import errno
 import functools
 import logging
 import os
+import select
 import socket
 from collections.abc import Sequence
 
-from azaiond.rpc.dispatch import TOO_LARGE_LINE, Dispatcher
+from azaiond.rpc.connection import MAX_FDS, RECV_SIZE, Connection, close_all, recvmsg, set_ready
+from azaiond.rpc.dispatch import INVALID_REQUEST, TOO_LARGE_LINE, Dispatcher, error_line
+from azaiond.rpc.limits import ROOT, ConnectionCounts, ConnectionLimits, RateLimitedLog
 from azaiond.rpc.peer import credentials, is_admin
 from azaiond.rpc.table import Peer
 
 log = logging.getLogger(__name__)
+limited = RateLimitedLog(log)
 
-RECV_SIZE = 256 * 1024
-_FD_SIZE = array.array("i").itemsize
-# Room for SCM_MAX_FD (253) descriptors: one sendmsg cannot pass more, so the control
-# data is never truncated and every descriptor received is one we can close.
-_ANC_SIZE = socket.CMSG_SPACE(253 * _FD_SIZE)
-
-
-def _set_ready(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
+BUSY_LINE = error_line(-32007, "too many connections", "busy")
+TOO_MANY_FDS_LINE = error_line(INVALID_REQUEST, "a message may carry at most one descriptor", "invalid_request")
+ACCEPT_BATCH = 256  # connections accepted per wake-up of the listener
+CLOSING_STALL = 1.0  # seconds a reply may still wait for its reader once the daemon stops
 
 
-def _close_all(fds: Sequence[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            got = array.array("i")
-            got.frombytes(data[: len(data) - len(data) % _FD_SIZE])
-            fds.extend(got)
-    return fds
-
-
-def _recvmsg(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
-    data, ancdata, flags, _ = sock.recvmsg(size, _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
-    fds = _fds_of(ancdata) if ancdata else []
-    if flags & socket.MSG_CTRUNC:
-        log.warning("control data truncated on a connection; descriptors dropped")
-        _close_all(fds)
-        fds = []
-    return data, fds
-
-
-class _Connection:
-    __slots__ = ("busy", "peer", "reading", "sock", "stash", "task", "waiter", "want")
-
-    def __init__(self, sock: socket.socket, peer: Peer) -> None:
-        self.sock = sock
-        self.peer = peer
-        self.busy = False  # a message is being handled or its reply written
-        self.task: asyncio.Task[None] | None = None
-        # Reading: the socket stays registered with the loop while the connection waits for
-        # requests, and the readiness callback itself calls recvmsg (as asyncio's own
-        # transports do). Re-registering for every message would cost two epoll_ctl calls
-        # and a failed recvmsg per request.
-        self.reading = False
-        self.waiter: asyncio.Future[None] | None = None
-        self.want = 0
-        self.stash: tuple[bytes, list[int]] | None = None
+class _Stalled(Exception):
+    """The peer did not read a reply for stall_timeout seconds."""
 
 
 class Server:
@@ -98,65 +65,136 @@ class Server:
         *,
         max_message_bytes: int,
         admin_groups: Sequence[str] = (),
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self._listener = sock
         self._dispatcher = dispatcher
         self._cap = max_message_bytes
         self._admin_groups = tuple(admin_groups)
-        self._connections: set[_Connection] = set()
-        self._accept_task: asyncio.Task[None] | None = None
+        self._limits = limits or ConnectionLimits()
+        self._counts = ConnectionCounts(self._limits)
+        self._buffered = 0  # unfinished-message bytes of all non-root connections
+        self._connections: set[Connection] = set()
+        self._hup = select.epoll()
+        self._watched: dict[int, Connection] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._accept_pause: asyncio.TimerHandle | None = None
         self._closing = False
-
-    @property
-    def connections(self) -> int:
-        return len(self._connections)
 
     async def start(self) -> None:
         """Begin accepting; calls are served once this returns."""
+        loop = self._loop = asyncio.get_running_loop()
         self._listener.setblocking(False)
-        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        loop.add_reader(self._hup.fileno(), self._on_hangups)
+        self._sweeper = loop.call_later(self._sweep_every(), self._sweep)
+        loop.add_reader(self._listener.fileno(), self._on_acceptable)
 
-    async def _accept_loop(self) -> None:
+    # -- accepting ---------------------------------------------------------------------
+
+    def _on_acceptable(self) -> None:
+        """Accept what the backlog holds, a batch per wake-up: a flood of connections (refused
+        ones included) must drain faster than a script can fill the backlog."""
         loop = asyncio.get_running_loop()
-        while not self._closing:
+        for _ in range(ACCEPT_BATCH):
             try:
-                sock, _ = await loop.sock_accept(self._listener)
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of descriptors: back off instead of spinning on a ready listener.
-                    log.warning("cannot accept a connection: %s", os.strerror(exc.errno or 0))
-                    await asyncio.sleep(0.1)
-                    continue
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
-                raise
-            try:
-                pid, uid, gid = credentials(sock)
-            except OSError:
-                sock.close()
-                continue
-            if uid == 0:
-                self._open(sock, Peer(uid=uid, gid=gid, pid=pid, is_admin=True))
-            else:
-                # Group membership comes from the user database, which may be a network service
-                # (sssd, LDAP): look it up on a worker thread so no other connection waits.
-                lookup = loop.run_in_executor(None, is_admin, uid, self._admin_groups)
-                lookup.add_done_callback(functools.partial(self._resolved, sock, uid, gid, pid))
+                # Out of descriptors or memory: back off instead of spinning on a ready
+                # listener (the peers wait in the backlog meanwhile).
+                limited.warning("accept", "cannot accept a connection: %s", os.strerror(exc.errno or 0))
+                loop.remove_reader(self._listener.fileno())
+                self._accept_pause = loop.call_later(0.1, self._resume_accepting)
+                return
+            sock.setblocking(False)
+            self._admit(sock)
+
+    def _resume_accepting(self) -> None:
+        self._accept_pause = None
+        if not self._closing:
+            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._on_acceptable)
+
+    def _admit(self, sock: socket.socket) -> None:
+        try:
+            pid, uid, gid = credentials(sock)
+        except OSError:
+            sock.close()
+            return
+        refused = self._counts.admit(uid)
+        if refused is not None:
+            self._refuse(sock, uid, pid, refused)
+            return
+        if uid == ROOT:
+            self._open(sock, Peer(uid=uid, gid=gid, pid=pid, is_admin=True))
+            return
+        # Group membership comes from the user database, which may be a network service
+        # (sssd, LDAP): look it up on a worker thread so no other connection waits. The
+        # count above bounds how many lookups can be queued.
+        lookup = asyncio.get_running_loop().run_in_executor(None, is_admin, uid, self._admin_groups)
+        lookup.add_done_callback(functools.partial(self._resolved, sock, uid, gid, pid))
+
+    @staticmethod
+    def _refuse(sock: socket.socket, uid: int, pid: int, reason: str) -> None:
+        with contextlib.suppress(OSError):
+            sock.send(BUSY_LINE)  # best effort: the socket is new, its buffer empty
+        sock.close()
+        limited.warning("refuse", "refusing a connection from uid %d pid %d: %s", uid, pid, reason)
 
     def _resolved(self, sock: socket.socket, uid: int, gid: int, pid: int, lookup: asyncio.Future[bool]) -> None:
         if self._closing or lookup.cancelled() or lookup.exception() is not None:
             sock.close()
+            self._counts.release(uid)
             return
         self._open(sock, Peer(uid=uid, gid=gid, pid=pid, is_admin=lookup.result()))
 
     def _open(self, sock: socket.socket, peer: Peer) -> None:
-        conn = _Connection(sock, peer)
+        loop = asyncio.get_running_loop()
+        conn = Connection(sock, peer)
+        conn.idle_since = loop.time()
+        conn.notify = functools.partial(self._notify, conn)
         self._connections.add(conn)
-        conn.task = asyncio.get_running_loop().create_task(self._serve(conn))
+        fd = sock.fileno()
+        self._watched[fd] = conn
+        self._hup.register(fd, 0)  # no event asked: EPOLLHUP comes anyway, and only on a close
+        conn.task = loop.create_task(self._serve(conn))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("connection from pid %d uid %d admin %s", peer.pid, peer.uid, peer.is_admin)
 
-    def _on_readable(self, conn: _Connection) -> None:
+    def _on_hangups(self) -> None:
+        try:
+            events = self._hup.poll(0)
+        except (OSError, ValueError):
+            return
+        for fd, _ in events:
+            conn = self._watched.pop(fd, None)
+            with contextlib.suppress(OSError, ValueError):
+                self._hup.unregister(fd)
+            if conn is not None:
+                conn.cancel.set()  # a call in flight stops at its next chunk
+                if conn.busy and log.isEnabledFor(logging.DEBUG):
+                    log.debug("pid %d hung up during a call; cancelling it", conn.peer.pid)
+
+    def _sweep_every(self) -> float:
+        return max(0.1, min(10.0, self._limits.idle_timeout / 4))
+
+    def _sweep(self) -> None:
+        """Close connections that sent no complete message for idle_timeout seconds."""
+        loop = asyncio.get_running_loop()
+        oldest = loop.time() - self._limits.idle_timeout
+        for conn in list(self._connections):
+            if not conn.busy and conn.idle_since < oldest and conn.task is not None:
+                conn.task.cancel()
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("closing the idle connection of pid %d", conn.peer.pid)
+        self._sweeper = loop.call_later(self._sweep_every(), self._sweep)
+
+    # -- reading -----------------------------------------------------------------------
+
+    def _on_readable(self, conn: Connection) -> None:
         waiter = conn.waiter
         if waiter is None or waiter.done():
             # Nobody is waiting: the connection is busy with a message. Stop watching, so
@@ -165,7 +203,7 @@ class Server:
             conn.reading = False
             return
         try:
-            conn.stash = _recvmsg(conn.sock, conn.want)
+            conn.stash = recvmsg(conn.sock, conn.want)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -173,11 +211,11 @@ class Server:
             return
         waiter.set_result(None)
 
-    async def _recv(self, conn: _Connection, size: int) -> tuple[bytes, list[int]]:
+    async def _recv(self, conn: Connection, size: int) -> tuple[bytes, list[int]]:
         loop = asyncio.get_running_loop()
         if not conn.reading:
             try:
-                return _recvmsg(conn.sock, size)
+                return recvmsg(conn.sock, size)
             except (BlockingIOError, InterruptedError):
                 pass
             loop.add_reader(conn.sock.fileno(), self._on_readable, conn)
@@ -192,7 +230,69 @@ class Server:
         assert got is not None
         return got
 
-    async def _serve(self, conn: _Connection) -> None:
+    def _hold(self, conn: Connection, size: int) -> bool:
+        """Count ``size`` unfinished bytes for ``conn``; False once all peers hold too many."""
+        if conn.peer.uid == ROOT:
+            return True
+        self._buffered += size - conn.held
+        conn.held = size
+        return size == 0 or self._buffered <= self._limits.max_buffered_bytes
+
+    # -- writing -----------------------------------------------------------------------
+
+    async def _write(self, conn: Connection, data: bytes) -> None:
+        """Send all of ``data``; _Stalled when the peer takes nothing for stall_timeout s."""
+        sock = conn.sock
+        try:
+            n = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        if n == len(data):
+            return  # the usual case: no future, no timer
+        view = memoryview(data)[n:]
+        loop = asyncio.get_running_loop()
+        fd = sock.fileno()
+        while view:
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(fd, set_ready, ready)
+            # Once the daemon stops, a reply gets a moment, not the whole stall deadline.
+            stall = CLOSING_STALL if self._closing else self._limits.stall_timeout
+            try:
+                await asyncio.wait_for(ready, stall)
+            except TimeoutError:
+                raise _Stalled from None
+            finally:
+                loop.remove_writer(fd)
+            try:
+                view = view[sock.send(view):]
+            except (BlockingIOError, InterruptedError):
+                continue
+
+    def _notify(self, conn: Connection, line: bytes) -> None:
+        """A progress line from a worker thread: keep the latest, and have the loop send it."""
+        conn.latest = line
+        if not conn.flush_pending and self._loop is not None:
+            conn.flush_pending = True
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the daemon is stopping
+                self._loop.call_soon_threadsafe(self._flush, conn)
+
+    def _flush(self, conn: Connection) -> None:
+        line, conn.latest = conn.latest, None
+        conn.flush_pending = False
+        if line is None or not conn.calling or conn.unsent:
+            return  # the call is over, or the peer is not reading: skip it, never queue
+        try:
+            n = conn.sock.send(line)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            return  # gone; the reply's write will say so
+        if n < len(line):
+            conn.unsent = line[n:]  # finished before the reply, which must start on a new line
+
+    # -- serving -----------------------------------------------------------------------
+
+    async def _serve(self, conn: Connection) -> None:
         loop = asyncio.get_running_loop()
         sock = conn.sock
         cap = self._cap
@@ -212,7 +312,7 @@ class Server:
                 if fds:
                     owner = self._owner(pieces, starts_fresh=not partial)
                     if owner is None:
-                        _close_all(fds)
+                        close_all(fds)
                         fds = []
                 for i in range(last):
                     mine = fds if owner == i else []
@@ -225,42 +325,74 @@ class Server:
                             partial += pieces[0]
                             line = bytes(partial)
                             partial.clear()
+                            self._hold(conn, 0)
                         else:
                             line = pieces[0]
                     else:
                         line = pieces[i]
                     if not line or line.isspace():
-                        _close_all(mine)  # a blank line is no message and claims nothing
+                        close_all(mine)  # a blank line is no message and claims nothing
                         continue
                     conn.busy = True
-                    reply = await dispatcher.handle(line, conn.peer, mine)
+                    conn.calling = True
+                    conn.latest = None
+                    try:
+                        reply = await dispatcher.handle(line, conn.peer, mine, cancel=conn.cancel,
+                                                        notify=conn.notify)
+                    finally:
+                        conn.calling = False
+                    if conn.unsent:
+                        unsent, conn.unsent = conn.unsent, b""
+                        await self._write(conn, unsent)
                     if reply is not None:
-                        await loop.sock_sendall(sock, reply)
+                        await self._write(conn, reply)
                     conn.busy = False
+                    conn.idle_since = loop.time()
                     if self._closing:
                         return
                 partial += pieces[last]
                 if fds:
                     partial_fds.extend(fds)
                     fds = []
+                    if len(partial_fds) > MAX_FDS:
+                        limited.warning("fds", "pid %d sent more than %d descriptors with one message; closing",
+                                        conn.peer.pid, MAX_FDS)
+                        await self._write(conn, TOO_MANY_FDS_LINE)
+                        return
                 if len(partial) > cap:
-                    log.warning("message over %d bytes from pid %d; closing", cap, conn.peer.pid)
-                    await loop.sock_sendall(sock, TOO_LARGE_LINE)
+                    limited.warning("too_large", "message over %d bytes from pid %d; closing", cap, conn.peer.pid)
+                    await self._write(conn, TOO_LARGE_LINE)
+                    return
+                if partial and not self._hold(conn, len(partial)):
+                    limited.warning("buffered", "unfinished messages of all peers over %d bytes; closing the "
+                                    "connection of pid %d uid %d", self._limits.max_buffered_bytes,
+                                    conn.peer.pid, conn.peer.uid)
+                    await self._write(conn, TOO_LARGE_LINE)
                     return
         except (ConnectionError, BrokenPipeError):
             pass  # the client left while we wrote; nothing to tell it
+        except _Stalled:
+            limited.warning("stall", "pid %d did not read its reply for %.0f s; closing its connection",
+                            conn.peer.pid, self._limits.stall_timeout)
         except OSError as exc:
-            log.warning("connection from pid %d failed: %s", conn.peer.pid, exc.strerror)
+            limited.warning("conn", "connection from pid %d failed: %s", conn.peer.pid, exc.strerror)
         except Exception:
             log.exception("connection from pid %d failed", conn.peer.pid)
         finally:
             if conn.reading:
                 loop.remove_reader(sock.fileno())
             if conn.stash is not None:
-                _close_all(conn.stash[1])
-            _close_all(partial_fds)
-            _close_all(fds)
+                close_all(conn.stash[1])
+            close_all(partial_fds)
+            close_all(fds)
+            self._hold(conn, 0)
             self._connections.discard(conn)
+            fd = sock.fileno()
+            if self._watched.get(fd) is conn:
+                del self._watched[fd]
+                with contextlib.suppress(OSError, ValueError):
+                    self._hup.unregister(fd)
+            self._counts.release(conn.peer.uid)
             sock.close()
 
     @staticmethod
@@ -274,24 +406,35 @@ class Server:
                 return i
         return 0 if starts_fresh else None
 
-    async def shutdown(self, timeout: float = 30.0) -> bool:
+    async def shutdown(self, timeout: float = 20.0) -> bool:
         """Stop accepting, cancel calls in flight, and wait for them; True if all finished."""
         self._closing = True
-        if self._accept_task is not None:
-            self._accept_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._accept_task
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._accept_pause is not None:
+            self._accept_pause.cancel()
+        if self._loop is not None:
+            self._loop.remove_reader(self._listener.fileno())
         self._listener.close()
         self._dispatcher.cancel.set()
         waiting: list[asyncio.Task[None]] = []
+        writing: list[asyncio.Task[None]] = []
         for conn in list(self._connections):
+            conn.cancel.set()
             if conn.task is None:
                 continue
-            if conn.busy:
+            if conn.calling:
                 waiting.append(conn.task)  # ends itself once its reply is written
+            elif conn.busy:
+                writing.append(conn.task)  # its reply is being written: a moment, no more
             else:
                 conn.task.cancel()  # idle, waiting for a message that will not be read
                 waiting.append(conn.task)
+        if writing:
+            _, slow = await asyncio.wait(writing, timeout=CLOSING_STALL)
+            for task in slow:
+                task.cancel()  # a peer that does not read its reply holds nothing up
+            waiting.extend(writing)
         done = True
         if waiting:
             _, pending = await asyncio.wait(waiting, timeout=timeout)
@@ -301,4 +444,7 @@ class Server:
                 for task in pending:
                     task.cancel()
                 await asyncio.wait(pending, timeout=1.0)
+        if self._loop is not None:
+            self._loop.remove_reader(self._hup.fileno())
+        self._hup.close()
         return done and self._dispatcher.busy_threads == 0

@@ -1,4 +1,4 @@
-"""A private Docker engine for the tests, the benchmarks and the demo (NOTES.md's recipe).
+"""A private Docker engine for the tests, the benchmarks and the demo.
 
 ``dockerd`` runs with its own socket, data-root and exec-root under a short temp dir (a Unix
 socket path must stay under 108 bytes), no networking, overlay2, and is stopped by its PID.

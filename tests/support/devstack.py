@@ -231,7 +231,7 @@ class DevStack:
             s3.create_bucket(Bucket=name)
 
     def write_config(self, path: Path, state_dir: Path, socket_path: Path, **overrides: Any) -> Path:
-        """Write an azaiond config (SPEC section 3) for this stack; ``overrides`` merge into it.
+        """Write an azaiond config (docs/formats.md, config keys) for this stack; ``overrides`` merge into it.
 
         E.g. ``write_config(p, s, sock, api={"retries": 0}, hardware="other")``. The socket group
         is the caller's own primary group so the file works on any test machine. Mode 0600: it

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # System test: the .deb in a real systemd.
 #
-# Builds the package, boots a clean Debian bookworm (debootstrap, cached) under systemd-nspawn,
-# installs the package there with apt (so its dependencies must resolve against Debian), and
-# checks the units, the socket's access rules, restarts, the watchdog-style crash restart, the
-# boot-time unlock after a reboot, and the purge. The container shares the host's network: the
+# Builds the package once, then for each Debian release (bookworm and trixie by default) boots a
+# clean root (debootstrap, cached per release) under systemd-nspawn, installs the same .deb there
+# with apt (so its dependencies must resolve against that release), and checks the units, the
+# socket's access rules, restarts, the watchdog-style crash restart, the boot-time unlock after a
+# reboot, and the purge. The container shares the host's network: the
 # reference Resource API and moto's S3 (python3 -m tests.support.devstack) run on the host's loopback,
 # and a private dockerd's socket is bound in as /run/docker.sock.
 #
@@ -12,8 +13,10 @@
 # and the daemon's journal, then everything started here is torn down (trap).
 #
 # Run as root on Debian 12. Environment:
-#   AZAIOND_SYSTEST_CACHE  cache dir for the debootstrap rootfs and apt's .debs
-#                          (default /var/cache/azaiond-systest; delete it to start afresh)
+#   AZAIOND_SYSTEST_CACHE  cache dir for the debootstrap roots and apt's .debs, one subdir per
+#                          release (default /var/cache/azaiond-systest; delete it to start afresh)
+#   RELEASES               the Debian releases to boot, in order (default "bookworm trixie")
+#   MIRROR                 the Debian mirror (default http://deb.debian.org/debian)
 #   PYTHON                 host interpreter with the project's test deps (moto) (default python3)
 #   KEEP=1                 keep the work dir (and the stopped container's overlay) for a post-mortem
 set -euo pipefail
@@ -21,7 +24,11 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 CACHE=${AZAIOND_SYSTEST_CACHE:-/var/cache/azaiond-systest}
 PY=${PYTHON:-python3}
-MACHINE=azsystest$$
+RELEASES=${RELEASES:-bookworm trixie}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+RELEASE=""
+MACHINE=""
+ROOT=""
 T0=$SECONDS
 W=""
 NSPAWN_PID=""
@@ -33,10 +40,10 @@ OVERLAY_MOUNTED=""
 # ---------------------------------------------------------------------------------------------
 # reporting
 
-step() { printf '%4ds  ok    %s\n' $((SECONDS - T0)) "$*"; }
+step() { printf '%4ds  ok    %s%s\n' $((SECONDS - T0)) "${RELEASE:+$RELEASE: }" "$*"; }
 
 fail() {
-    printf '%4ds  FAIL  %s\n' $((SECONDS - T0)) "$*" >&2
+    printf '%4ds  FAIL  %s%s\n' $((SECONDS - T0)) "${RELEASE:+$RELEASE: }" "$*" >&2
     if [ -n "$W" ] && [ -s "$W/last.out" ]; then
         echo "---- output of the failed check" >&2
         tail -n 40 "$W/last.out" >&2
@@ -90,9 +97,9 @@ ctx() { nsenter -t "$LEADER" -a env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C
 ctx_sh() { ctx /bin/sh -ec "$1"; }
 
 boot() {
-    systemd-nspawn -D "$W/root" -b --register=no --keep-unit --console=pipe -M "$MACHINE" \
+    systemd-nspawn -D "$ROOT" -b --register=no --keep-unit --console=pipe -M "$MACHINE" \
         --bind="$W/docker/docker.sock:/run/docker.sock" \
-        --bind="$CACHE/apt-archives:/var/cache/apt/archives" \
+        --bind="$CACHE/$RELEASE/apt-archives:/var/cache/apt/archives" \
         >>"$W/nspawn.log" 2>&1 &
     NSPAWN_PID=$!
     LEADER=""
@@ -136,8 +143,10 @@ cleanup() {
         awk -v w="$W/" 'index($2, w) == 1 {print $2}' /proc/self/mounts | sort -r | while read -r m; do
             umount -l "$m"
         done
-        [ -n "$OVERLAY_MOUNTED" ] && umount -l "$W/root" 2>/dev/null
-        rm -rf "/run/systemd/nspawn/propagate/$MACHINE" "/run/systemd/nspawn/unix-export/$MACHINE"
+        [ -n "$OVERLAY_MOUNTED" ] && umount -l "$ROOT" 2>/dev/null
+        for r in $RELEASES; do
+            rm -rf "/run/systemd/nspawn/propagate/azst$$$r" "/run/systemd/nspawn/unix-export/azst$$$r"
+        done
         rmdir /run/systemd/nspawn/propagate /run/systemd/nspawn/unix-export /run/systemd/nspawn/locks \
             /run/systemd/nspawn 2>/dev/null
         if [ "${KEEP:-}" = 1 ]; then
@@ -147,7 +156,7 @@ cleanup() {
         fi
     fi
     if [ "$rc" -eq 0 ]; then
-        printf '%4ds  system test passed\n' $((SECONDS - T0))
+        printf '%4ds  system test passed (%s)\n' $((SECONDS - T0)) "$RELEASES"
     fi
 }
 
@@ -210,23 +219,39 @@ check "the .deb carries the units, sysusers, launchers, vendored libs, man pages
     grep -qx /etc/azaiond/config.yaml '$W/control/conffiles'"
 
 # ---------------------------------------------------------------------------------------------
-# a clean Debian bookworm (cached), a private dockerd, the dev stack
+# one clean Debian root per release (cached)
 
-mkdir -p "$CACHE/apt-archives/partial"
-if [ ! -x "$CACHE/rootfs/lib/systemd/systemd" ]; then
-    rm -rf "$CACHE/rootfs.tmp"
-    check "debootstrap bookworm (minbase + systemd, python3) into $CACHE" \
-        debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,python3 bookworm "$CACHE/rootfs.tmp"
-    mv "$CACHE/rootfs.tmp" "$CACHE/rootfs"
-fi
-mkdir -p "$W/upper" "$W/work" "$W/root"
-mount -t overlay overlay -o "lowerdir=$CACHE/rootfs,upperdir=$W/upper,workdir=$W/work" "$W/root"
-OVERLAY_MOUNTED=1
-cp "$DEB" "$W/root/root/"
-# apt's daily timers could take the dpkg lock in the middle of a check.
-ln -sf /dev/null "$W/root/etc/systemd/system/apt-daily.timer"
-ln -sf /dev/null "$W/root/etc/systemd/system/apt-daily-upgrade.timer"
-step "container root: overlay on the cached rootfs"
+# rootfs REL: debootstrap REL (minbase + systemd, python3) into $CACHE/REL/rootfs once, with the
+# release's updates and security suites in its sources and their package lists fetched.
+rootfs() {
+    local rel=$1 dir=$CACHE/$1
+    mkdir -p "$dir/apt-archives/partial"
+    [ -x "$dir/rootfs/lib/systemd/systemd" ] && return 0
+    rm -rf "$dir/rootfs.tmp"
+    check "debootstrap $rel (minbase + systemd, python3) into $dir" \
+        debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,python3 "$rel" "$dir/rootfs.tmp" "$MIRROR"
+    printf 'deb %s %s main\ndeb %s %s-updates main\ndeb %s-security %s-security main\n' \
+        "$MIRROR" "$rel" "$MIRROR" "$rel" "$MIRROR" "$rel" >"$dir/rootfs.tmp/etc/apt/sources.list"
+    check "sources $rel, $rel-updates, $rel-security; apt-get update" chroot "$dir/rootfs.tmp" apt-get update
+    mv "$dir/rootfs.tmp" "$dir/rootfs"
+}
+
+# overlay REL: this run's root for REL, an overlay on the cached one.
+overlay() {
+    local rel=$1
+    ROOT=$W/$rel/root
+    mkdir -p "$W/$rel/upper" "$W/$rel/work" "$ROOT"
+    mount -t overlay overlay -o "lowerdir=$CACHE/$rel/rootfs,upperdir=$W/$rel/upper,workdir=$W/$rel/work" "$ROOT"
+    OVERLAY_MOUNTED=1
+    cp "$DEB" "$ROOT/root/"
+    # apt's daily timers could take the dpkg lock in the middle of a check.
+    ln -sf /dev/null "$ROOT/etc/systemd/system/apt-daily.timer"
+    ln -sf /dev/null "$ROOT/etc/systemd/system/apt-daily-upgrade.timer"
+    step "container root: overlay on the cached $rel rootfs (Debian $(cat "$ROOT/etc/debian_version"))"
+}
+
+# ---------------------------------------------------------------------------------------------
+# shared by every release: a private dockerd, the dev stack, the daemon's config
 
 mkdir -p "$W/docker"
 dockerd --iptables=false --ip6tables=false --bridge=none --storage-driver=overlay2 \
@@ -259,7 +284,27 @@ c["docker"] = {"base_url": "unix:///run/docker.sock", "timeout": 600}
 yaml.safe_dump(c, open(sys.argv[2], "w"), sort_keys=False)
 EOF
 
+make_bucket() {
+    "$PY" - "$S3_URL" <<'EOF'
+import sys, boto3
+from botocore.config import Config
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1", aws_access_key_id="systest",
+                  aws_secret_access_key="systest", config=Config(s3={"addressing_style": "path"}))
+s3.create_bucket(Bucket="models")
+EOF
+}
+check "CDN bucket 'models' created" make_bucket
+
 # ---------------------------------------------------------------------------------------------
+# once per release, in a fresh container: install, configure, restarts, unlock, upgrade, purge
+
+test_release() {
+RELEASE=$1
+MACHINE=azst$$$1
+overlay "$1"
+# The image of the boot-time unlock must be missing until the unlock brings it back.
+"${DOCKER[@]}" rmi azsystest/hello:1 >/dev/null 2>&1 || true
+
 # install
 
 boot
@@ -325,10 +370,10 @@ check "defaults: the boot unlock succeeds (no images configured), daemon up, no 
 # ---------------------------------------------------------------------------------------------
 # configure, first call, access rules
 
-install -m 0644 "$W/config.yaml" "$W/root/etc/azaiond/config.yaml"
-mkdir -p "$W/root/etc/credstore"
-chmod 0700 "$W/root/etc/credstore"
-install -m 0600 "$W/stack/credentials/resource-key" "$W/root/etc/credstore/azaiond.resource-key"
+install -m 0644 "$W/config.yaml" "$ROOT/etc/azaiond/config.yaml"
+mkdir -p "$ROOT/etc/credstore"
+chmod 0700 "$ROOT/etc/credstore"
+install -m 0600 "$W/stack/credentials/resource-key" "$ROOT/etc/credstore/azaiond.resource-key"
 step "configured: /etc/azaiond/config.yaml, plain credential /etc/credstore/azaiond.resource-key"
 check "daemon stopped (it reads config and credentials at start)" ctx_sh '
     systemctl stop azaiond.service
@@ -369,16 +414,6 @@ check "token cache is 0600" ctx_sh '[ "$(stat -c %a /var/lib/azaiond/token.json)
 
 # Resources through Debian's boto3 1.26 / botocore 1.29 (the pytest suite runs newer ones). moto's
 # key checks are off here (--no-enforce-keys): the read/write key split is the suite's business.
-make_bucket() {
-    "$PY" - "$S3_URL" <<'EOF'
-import sys, boto3
-from botocore.config import Config
-s3 = boto3.client("s3", endpoint_url=sys.argv[1], region_name="us-east-1", aws_access_key_id="systest",
-                  aws_secret_access_key="systest", config=Config(s3={"addressing_style": "path"}))
-s3.create_bucket(Bucket="models")
-EOF
-}
-check "CDN bucket 'models' created" make_bucket
 check "root uploads a 20 MB resource (split: Resource API + CDN, multipart upload)" ctx_sh '
     head -c 20000000 /dev/urandom > /root/res.bin
     azaionctl upload /root/res.bin systest.bin --folder models'
@@ -485,7 +520,7 @@ check "sealed the image into images.enc (azaionctl seal-images, on the publisher
     sh -c "cd '$REPO' && exec '$PY' -m azaiond.cli.main seal-images --fragment-file '$W/fragment.bin' \
         --tar '$W/image.tar' -o '$W/images.enc'"
 check "logout: the daemon forgets the login, so the unlock must use the credential" ctx azaionctl logout
-install -m 0600 "$W/images.enc" "$W/root/var/lib/azaiond/images.enc"
+install -m 0600 "$W/images.enc" "$ROOT/var/lib/azaiond/images.enc"
 check "login credential encrypted with systemd-creds, drop-in with LoadCredentialEncrypted=" ctx_sh "
     mkdir -p -m 0700 /etc/credstore.encrypted /etc/systemd/system/azaiond.service.d
     printf 'email: %s\npassword: %s\n' '$ADMIN_EMAIL' '$ADMIN_PW' |
@@ -541,3 +576,18 @@ check "no azaiond unit is loaded or running any more" ctx_sh '
     systemctl daemon-reload
     ! systemctl is-active azaiond.socket azaiond.service azaiond-unlock.service
     ! grep -qx azaiond /proc/[0-9]*/comm'
+
+halt
+umount "$ROOT"
+OVERLAY_MOUNTED=""
+step "passed in $((SECONDS - T_RELEASE))s"
+RELEASE=""
+}
+
+for rel in $RELEASES; do
+    rootfs "$rel"
+done
+for rel in $RELEASES; do
+    T_RELEASE=$SECONDS
+    test_release "$rel"
+done

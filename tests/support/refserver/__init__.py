@@ -1,6 +1,6 @@
-"""The reference Resource API (SPEC section 5) for tests, demos and benchmarks.
+"""The reference Resource API (docs/formats.md) for tests, demos and benchmarks.
 
-``azaion-refserver`` runs it from the command line; ``RefServer`` runs it in-process. The
+``python3 -m tests.support.refserver`` runs it from the command line; ``RefServer`` runs it in-process. The
 ``/_control/`` endpoints and switch methods exist for tests and demos only.
 """
 

@@ -1,4 +1,4 @@
-"""``azaion-refserver``: run the reference Resource API in the foreground.
+"""``python3 -m tests.support.refserver``: run the reference Resource API in the foreground.
 
 Users come from ``--users-file`` (YAML list of ``{email, password, role}``; preferred, since
 command lines are visible to every local user) and/or ``--user email:password:role``.
@@ -53,7 +53,7 @@ def _users_file(path: Path) -> list[User]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="azaion-refserver",
+        prog="python3 -m tests.support.refserver",
         description="Reference Resource API for tests and demos (not for production). "
         f"Roles: {', '.join(ROLES)}.",
     )

@@ -16,7 +16,7 @@ from tests.support.refserver.state import ApiState, User
 
 
 class RefServer(ApiState):
-    """The reference Resource API of SPEC section 5 for tests, demos and benchmarks.
+    """The reference Resource API of docs/formats.md for tests, demos and benchmarks.
 
     ``control=True`` also serves the unauthenticated ``/_control/`` switch endpoints; they are
     for tests and demos only, which is one reason the server binds loopback by default.

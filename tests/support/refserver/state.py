@@ -1,4 +1,4 @@
-"""The reference Resource API's state and rules (SPEC section 5), with no HTTP in it.
+"""The reference Resource API's state and rules (docs/formats.md), with no HTTP in it.
 
 ``ApiState`` holds users, tokens, hardware bindings, stored files and the test switches behind
 one lock, so the HTTP handler threads and a test driving the switches never see half an update.
@@ -12,7 +12,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,8 +129,13 @@ class ApiState:
         cdn_yaml: bytes | None = None,
         token_ttl: float = 3600,
         storage: Path | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._lock = threading.RLock()
+        # The server's wall clock: tokens are issued and checked against it, so a test can move
+        # it forward (advance_clock) instead of sleeping through a token's lifetime.
+        self._base_clock = clock
+        self._clock_offset = 0.0
         self._users: dict[str, User] = {u.email: u for u in users}
         # A fresh signing key per server: tokens of an earlier run are never accepted.
         self._jwt_secret = secrets.token_bytes(32)
@@ -158,7 +163,7 @@ class ApiState:
                 or not secrets.compare_digest(user.password.encode(), password.encode())
             ):
                 raise ApiError(401, E_BAD_CREDENTIALS, "wrong email or password")
-            now = time.time()
+            now = self.now()
             claims = {
                 "email": user.email,
                 "role": user.role,
@@ -175,13 +180,18 @@ class ApiState:
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, E_TOKEN, "missing bearer token")
         try:
+            # exp is checked below against this server's clock, not the host's.
             claims = jwt.decode(
-                token.strip(), self._jwt_secret, algorithms=["HS256"], options={"require": ["exp"]}
+                token.strip(),
+                self._jwt_secret,
+                algorithms=["HS256"],
+                options={"require": ["exp"], "verify_exp": False},
             )
-        except jwt.ExpiredSignatureError as exc:
-            raise ApiError(401, E_TOKEN, "token expired") from exc
         except jwt.InvalidTokenError as exc:
             raise ApiError(401, E_TOKEN, "invalid token") from exc
+        exp = claims.get("exp")
+        if not isinstance(exp, int | float) or exp <= self.now():
+            raise ApiError(401, E_TOKEN, "token expired")
         with self._lock:
             if claims.get("gen") != self._generation:
                 raise ApiError(401, E_TOKEN, "token expired")
@@ -259,6 +269,15 @@ class ApiState:
 
     def set_cdn_yaml(self, data: bytes) -> None:
         self.put_part("", CDN_YAML, data)
+
+    def now(self) -> float:
+        with self._lock:
+            return self._base_clock() + self._clock_offset
+
+    def advance_clock(self, seconds: float) -> None:
+        """Move the server's clock forward: tokens it issued expire as if ``seconds`` had passed."""
+        with self._lock:
+            self._clock_offset += seconds
 
     def set_token_ttl(self, seconds: float) -> None:
         """TTL of tokens issued from now on (tests of refresh-before-expiry use a few seconds)."""
@@ -347,3 +366,4 @@ class ApiState:
             self._counters.clear()
             self._bindings.clear()
             self._token_ttl = self._initial_ttl
+            self._clock_offset = 0.0
