@@ -44,6 +44,9 @@ class SocketConfig:
     max_buffered_mb: int = 96  # unfinished-message bytes held for all connections together
     idle_timeout: float = 300.0  # seconds a connection may wait between complete messages
     stall_timeout: float = 30.0  # seconds a transfer on a caller's descriptor or socket may stall
+    max_batch: int = 1000  # elements in one batch
+    max_batch_inline_mb: int = 32  # decoded inline bytes one batch may move, both ways
+    max_calls_per_uid: int = 8  # worker-thread calls one non-admin uid may have running
 
     @property
     def max_message_bytes(self) -> int:
@@ -52,6 +55,10 @@ class SocketConfig:
     @property
     def max_buffered_bytes(self) -> int:
         return self.max_buffered_mb * MIB
+
+    @property
+    def max_batch_inline_bytes(self) -> int:
+        return self.max_batch_inline_mb * MIB
 
 
 @dataclass(frozen=True)
@@ -273,6 +280,13 @@ def parse(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
         max_buffered_mb=r.take("max_buffered_mb", d.socket.max_buffered_mb, _int(1, 65536), "MiB, 1-65536"),
         idle_timeout=r.take("idle_timeout", d.socket.idle_timeout, _float(1, 86400), "seconds, 1-86400"),
         stall_timeout=r.take("stall_timeout", d.socket.stall_timeout, _float(0.1, 3600), "seconds, 0.1-3600"),
+        max_batch=r.take("max_batch", d.socket.max_batch, _int(1, 1_000_000), "an integer 1-1000000"),
+        max_batch_inline_mb=r.take(
+            "max_batch_inline_mb", d.socket.max_batch_inline_mb, _int(0, 1024), "MiB, 0-1024"
+        ),
+        max_calls_per_uid=r.take(
+            "max_calls_per_uid", d.socket.max_calls_per_uid, _int(1, 1024), "an integer 1-1024"
+        ),
     )
     r.done()
 

@@ -78,14 +78,17 @@ class Handlers:
 
     def load(self, call: Call) -> Result:
         name, folder = call.params["name"], call.params["folder"]
+        call.facts["resource"] = f"{folder}/{name}"
         if call.fd is not None:
             require_writable(call.fd, "load")
             with FdSink(call.fd, call.cancel, self._stall, call.progress) as sink:
                 result = self._resources.load(name, folder, sink, call.cancel)
+            call.facts["bytes"] = result.size
             self._cache_fact(call, result)
             return _load_result(result)
         buffer = CappedBuffer(self._inline_limit)
         result = self._resources.load(name, folder, buffer, call.cancel)
+        call.facts["bytes"] = result.size
         self._cache_fact(call, result)
         return {**_load_result(result), "data": _b64(buffer.buffer)}
 
@@ -135,14 +138,21 @@ class Handlers:
         return {}
 
     def _input(self, call: Call, method: str) -> io.BufferedReader | io.BytesIO:
-        """The bytes a call uploads: its descriptor, or its inline base64 ``data``."""
+        """The bytes a call uploads: its descriptor, or its inline base64 ``data``.
+
+        With a ``size`` param, reading more or fewer bytes than it says raises InvalidParams
+        from inside the read, so the upload fails before it commits anything.
+        """
         data = call.params.get("data")
+        size = call.params.get("size")
+        if size is not None and size < 0:
+            raise InvalidParams(f"{method}: size must be 0 or more")
         if call.fd is not None and data is not None:
             raise InvalidParams(f"{method}: pass either data or a descriptor, not both")
         if call.fd is not None:
             require_readable(call.fd, method)
             source = FdSource(call.fd, call.cancel, self._stall, call.progress)
-            return io.BufferedReader(source, buffer_size=1024 * 1024)
+            return io.BufferedReader(_SizedReader(source, size, method), buffer_size=1024 * 1024)
         if data is None:
             raise InvalidParams(f"{method}: pass the bytes as data (base64) or as a descriptor")
         # base64 is 4/3 of the bytes; refuse before decoding anything oversized.
@@ -154,18 +164,22 @@ class Handlers:
             raise InvalidParams(f"{method}: data is not valid base64") from exc
         if len(raw) > self._inline_limit:
             raise TooLarge(f"{method}: data is over the inline limit: pass a descriptor")
+        if size is not None and size != len(raw):
+            raise InvalidParams(f"{method}: size says {size} bytes but data holds {len(raw)}")
         return io.BytesIO(raw)
 
     def upload(self, call: Call) -> Result:
         name = check_name(call.params["name"])
         folder = check_name(call.params["folder"], "folder")
         check_bucket(folder)
+        call.facts["resource"] = f"{folder}/{name}"
         fmt = call.params.get("format")
         if fmt is not None and (isinstance(fmt, bool) or fmt not in FORMATS):
             raise InvalidParams("upload: format must be 1 or 2")
         with self._input(call, "upload") as source:
             size = _known_size(call.fd, source)
             result = self._resources.upload(name, folder, source, call.cancel, format=fmt, size=size)
+        call.facts["bytes"] = result.size
         return {
             "size": result.size,
             "small_size": result.small_size,
@@ -203,23 +217,28 @@ class Handlers:
     def cdn_upload(self, call: Call) -> Result:
         bucket = check_bucket(call.params["bucket"])
         key = check_name(call.params["key"], "key")
+        call.facts["resource"] = f"{bucket}/{key}"
         with self._input(call, "cdn_upload") as source:
             counter = _CountingReader(source)
             self._account.cdn().upload_from(bucket, key, counter)
+        call.facts["bytes"] = counter.count
         return {"size": counter.count}
 
     def cdn_download(self, call: Call) -> Result:
         bucket = check_bucket(call.params["bucket"])
         key = check_name(call.params["key"], "key")
+        call.facts["resource"] = f"{bucket}/{key}"
         if call.fd is not None:
             require_writable(call.fd, "cdn_download")
             with FdSink(call.fd, call.cancel, self._stall, call.progress) as out:
                 sink = HashingSink(out)
                 self._account.cdn().download_into(bucket, key, sink)
+            call.facts["bytes"] = sink.size
             return {"size": sink.size, "sha256": sink.digest.hexdigest()}
         buffer = CappedBuffer(self._inline_limit)
         sink = HashingSink(buffer)
         self._account.cdn().download_into(bucket, key, sink)
+        call.facts["bytes"] = sink.size
         return {"size": sink.size, "sha256": sink.digest.hexdigest(), "data": _b64(buffer.buffer)}
 
     def unlock(self, call: Call) -> Result:
@@ -270,3 +289,37 @@ class _CountingReader(io.RawIOBase):
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
+
+
+class _SizedReader(io.RawIOBase):
+    """A raw reader that holds its source to a declared size (None: any size).
+
+    Reading past the size, or reaching the end short of it, raises InvalidParams at that read,
+    which is before any upload commits: the small part goes to the API only after the last
+    read, and a multipart CDN upload is aborted on the exception.
+    """
+
+    def __init__(self, source: io.RawIOBase, size: int | None, method: str) -> None:
+        super().__init__()
+        self._source = source
+        self._size = size
+        self._method = method
+        self._count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._size is None:
+            return self._source.readinto(buffer) or 0
+        # Ask for one byte past the size at most, enough to see that the input runs long.
+        view = memoryview(buffer)[: self._size + 1 - self._count]
+        n = self._source.readinto(view) or 0
+        self._count += n
+        if self._count > self._size:
+            raise InvalidParams(f"{self._method}: the input holds more than the {self._size} bytes size says")
+        if n == 0 and self._count != self._size:
+            raise InvalidParams(
+                f"{self._method}: the input ended after {self._count} of the {self._size} bytes size says"
+            )
+        return n

@@ -6,6 +6,8 @@ from azaiond.handlers import Handlers
 from azaiond.rpc.table import Access, MethodSpec, MethodTable, Param
 
 OPEN, ADMIN = Access.OPEN, Access.ADMIN
+# The byte count an upload's input must have; a mismatch fails the call and commits nothing.
+SIZE = Param("size", int, required=False)
 
 
 def method_table(h: Handlers) -> MethodTable:
@@ -25,13 +27,14 @@ def method_table(h: Handlers) -> MethodTable:
                 Param("folder", str),
                 Param("data", str, required=False),
                 Param("format", int, required=False),
+                SIZE,
             ),
         ),
         MethodSpec(
             "cdn_upload",
             h.cdn_upload,
             ADMIN,
-            (Param("bucket", str), Param("key", str), Param("data", str, required=False)),
+            (Param("bucket", str), Param("key", str), Param("data", str, required=False), SIZE),
         ),
         MethodSpec("cdn_download", h.cdn_download, ADMIN, (Param("bucket", str), Param("key", str))),
         MethodSpec("prefetch", h.prefetch, OPEN, (Param("name", str), Param("folder", str))),
@@ -51,7 +54,7 @@ def method_table(h: Handlers) -> MethodTable:
                 Param("name", str),
                 Param("folder", str),
                 Param("data", str, required=False),
-                Param("size", int, required=False),
+                SIZE,
             ),
         ),
         MethodSpec(

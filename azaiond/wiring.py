@@ -35,7 +35,8 @@ from azaiond.methods import method_table
 from azaiond.notify import Notifier
 from azaiond.prefetch import Prefetcher
 from azaiond.resources import SplitResources
-from azaiond.rpc.dispatch import Dispatcher
+from azaiond.rpc.calllog import CallLog
+from azaiond.rpc.dispatch import Dispatcher, Limits
 from azaiond.rpc.limits import ConnectionLimits
 from azaiond.rpc.listen import Listener, open_listener
 from azaiond.rpc.server import Server
@@ -211,13 +212,28 @@ def build_services(
     )
 
 
-def build_dispatcher(table: MethodTable, *, workers: int = WORKERS) -> Dispatcher:
-    return Dispatcher(table, workers=workers)
+def build_dispatcher(
+    table: MethodTable, *, workers: int = WORKERS, limits: Limits | None = None
+) -> Dispatcher:
+    return Dispatcher(table, workers=workers, observers=[CallLog()], limits=limits or Limits())
 
 
-def build_rpc(table: MethodTable, sock: socket.socket, config: SocketConfig, *, workers: int = WORKERS) -> Rpc:
+def build_rpc(
+    table: MethodTable,
+    sock: socket.socket,
+    config: SocketConfig,
+    *,
+    workers: int = WORKERS,
+    inline_bytes: int = Limits.inline_bytes,
+) -> Rpc:
     """The dispatcher for ``table`` and a server on the listening ``sock``."""
-    dispatcher = build_dispatcher(table, workers=workers)
+    limits = Limits(
+        max_batch=config.max_batch,
+        batch_inline_bytes=config.max_batch_inline_bytes,
+        inline_bytes=inline_bytes,
+        calls_per_uid=config.max_calls_per_uid,
+    )
+    dispatcher = build_dispatcher(table, workers=workers, limits=limits)
     server = Server(
         sock,
         dispatcher,
@@ -246,5 +262,5 @@ def build(config: Config, overrides: Overrides = Overrides()) -> Daemon:
     except BaseException:
         listener.close()
         raise
-    rpc = build_rpc(services.table, listener.sock, config.socket)
+    rpc = build_rpc(services.table, listener.sock, config.socket, inline_bytes=config.resources.inline_limit_bytes)
     return Daemon(config=config, notifier=notifier, listener=listener, services=services, rpc=rpc)

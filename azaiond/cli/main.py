@@ -127,6 +127,10 @@ def _upload(ctx: Context, method: str, params: dict[str, Any], source: str, labe
         if stat.S_ISDIR(info.st_mode):
             raise CliError(f"{source} is a directory")
         total = info.st_size if stat.S_ISREG(info.st_mode) else None
+        if total is not None:
+            # The daemon reads from the current offset to the end: that many bytes, or it
+            # refuses the upload (a file that changes meanwhile is never half uploaded).
+            params = {**params, "size": max(0, total - os.lseek(fd, 0, os.SEEK_CUR))}
 
         def sample() -> Sample | None:
             # The daemon reads through a duplicate of this descriptor, which shares the file
