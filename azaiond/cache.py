@@ -162,7 +162,10 @@ class BigPartCache:
 
     def staging(self, folder: str, name: str) -> Path:
         """Where a fetch writes the complete big part before ``install`` (hidden, swept at start)."""
-        directory = private_dir(self.root / folder)
+        try:
+            directory = private_dir(self.root / folder)
+        except OSError as exc:
+            raise StorageError(f"cannot create the cache folder {self.root / folder}: {exc.strerror}") from exc
         return directory / f".{name}{ENTRY_SUFFIX}.fetch.tmp"
 
     def install(self, folder: str, name: str, fingerprint: str, staged: Path) -> int:

@@ -355,7 +355,9 @@ class SplitResources:
             with self.cache.flight(folder, name):
                 self.cache.install(folder, name, fingerprint, staged)
         finally:
-            with contextlib.suppress(FileNotFoundError):
+            # Mostly gone already (installed or removed by atomic_file); on a failed disk the
+            # start-up sweep removes what is left.
+            with contextlib.suppress(OSError):
                 staged.unlink()
         log.info("uploaded %s/%s: %d bytes (small %d, big %d)", folder, name, size, len(small), big_size)
         return UploadResult(size=size, small_size=len(small), big_size=big_size)

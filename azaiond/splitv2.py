@@ -224,7 +224,7 @@ class SplitV2:
         finally:
             if spool is not None:
                 spool.close()
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # a failed disk: the start-up sweep removes it
                 path.unlink()
         self.generations.record(folder, name, generation)
         log.info("uploaded %s/%s (v2, generation %d): %d bytes, big %d", folder, name, generation, size, big_size)
