@@ -32,6 +32,12 @@ class Account:
         with self._lock:
             self._cdn = None
 
+    def forget_cdn(self) -> None:
+        """Build the CDN clients anew on next use (new settings after a reload); calls in
+        flight keep the clients they hold."""
+        with self._lock:
+            self._cdn = None
+
     def cdn(self) -> Cdn:
         with self._lock:
             if self._cdn is None:

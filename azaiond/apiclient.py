@@ -112,6 +112,16 @@ class ResourceApi:
 
     # -- state ---------------------------------------------------------------------------
 
+    def set_limits(self, *, retries: int, timeout: float, backoff: float) -> None:
+        """New retry and timeout settings (a live reload); requests already running keep theirs."""
+        self._retries, self._timeout, self._backoff = retries, timeout, backoff
+
+    @property
+    def token_expires_at(self) -> float | None:
+        """The held token's expiry (Unix time), or None without one; for metrics and doctor."""
+        token = self._token
+        return token.exp if token else None
+
     @property
     def user(self) -> User | None:
         token = self._token

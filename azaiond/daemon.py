@@ -1,7 +1,11 @@
 """The azaiond entry point: config, services, the socket, then serve until SIGTERM or SIGINT.
 
-Exit statuses: 0 after a clean stop, 1 when the socket or a service cannot start, 2 for a
-bad config (systemd's RestartPreventExitStatus= can then skip pointless restarts).
+SIGHUP re-reads the config and applies what can change live (azaiond.reload); a config
+with errors on reload is refused and the running one kept.
+
+Exit statuses: 0 after a clean stop (and for a good ``--check-config``), 1 when the socket or
+a service cannot start, 2 for a bad config (the unit's RestartPreventExitStatus=2 then skips
+pointless restarts).
 """
 
 from __future__ import annotations
@@ -42,8 +46,64 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="config file (default: $AZAIOND_CONFIG, else /etc/azaiond/config.yaml)",
     )
+    parser.add_argument(
+        "--check-config",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PATH",
+        help="check the config (PATH, else the one --config names) and exit: 0 when it is good, "
+        "2 with every problem listed when not",
+    )
     parser.add_argument("--version", action="version", version=f"azaiond {__version__}")
     return parser.parse_args(argv)
+
+
+def check_config(path: Path | None) -> int:
+    """``--check-config``: every problem, one per line, on stderr; exit 2 if there is any."""
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"azaiond: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{config.source}: ok")
+    if config.allow_insecure_http:
+        print(f"{config.source}: warning: allow_insecure_http is true: {_INSECURE}")
+    return EXIT_OK
+
+
+_INSECURE = "plain http:// to a remote host sends the password, the token and the CDN keys in clear"
+
+
+def reload_config(daemon: wiring.Daemon, path: Path | None, notifier: Notifier) -> None:
+    """SIGHUP: re-read the config; apply it if it is good, keep the running one if not."""
+    notifier.reloading()
+    try:
+        try:
+            new = load(path)
+        except ConfigError as exc:
+            log.error(
+                "reload refused, the running config is kept: %s", "; ".join(exc.problems),
+                extra={"fields": {"event": "reload_failed"}},
+            )
+            return
+        if new.allow_insecure_http:
+            log.warning("allow_insecure_http is true: %s", _INSECURE)
+        report = daemon.reload(new)
+        if report.applied:
+            log.info("reload applied: %s", ", ".join(report.applied), extra={"fields": {"event": "reload"}})
+        if report.failed:
+            log.error("reload could not apply: %s", ", ".join(report.failed))
+        if report.needs_restart:
+            log.warning(
+                "reload: these changes need a restart (systemctl restart azaiond): %s",
+                ", ".join(report.needs_restart),
+            )
+        if not (report.applied or report.failed or report.needs_restart):
+            log.info("reload: the config is unchanged", extra={"fields": {"event": "reload"}})
+    finally:
+        notifier.ready()
 
 
 async def serve(
@@ -52,6 +112,7 @@ async def serve(
     notifier: Notifier,
     *,
     config: Config,
+    config_path: Path | None = None,
     shutdown_timeout: float = SHUTDOWN_TIMEOUT,
 ) -> bool:
     """Serve calls until SIGTERM/SIGINT; True when every call in flight finished in time."""
@@ -59,7 +120,9 @@ async def serve(
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    dispatcher = Dispatcher(daemon.table, workers=WORKERS)
+    # Reading a small file and setting a few attributes: quick enough for the loop itself.
+    loop.add_signal_handler(signal.SIGHUP, reload_config, daemon, config_path, notifier)
+    dispatcher = Dispatcher(daemon.table, workers=WORKERS, observers=daemon.observers)
     server = Server(
         listener.sock,
         dispatcher,
@@ -80,19 +143,29 @@ async def serve(
         return await server.shutdown(shutdown_timeout)
     finally:
         dispatcher.close()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.check_config is not None:
+        return check_config(args.config if args.check_config is True else Path(args.check_config))
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start and serve until stopped; the exit status."""
     logs.setup("info")
     try:
         config = load(args.config)
     except ConfigError as exc:
-        print(f"azaiond: {exc.message}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"azaiond: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     logs.setup(config.log_level)
+    if config.allow_insecure_http:
+        log.warning("allow_insecure_http is true: %s", _INSECURE)
     notifier = Notifier()
     notifier.status("starting")
     # The socket first: a second daemon must fail here, before it touches the state dir.
@@ -104,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # The unlock job reports progress as systemd STATUS= lines (`systemctl status azaiond`).
         daemon = wiring.build(config, status_line=notifier.status)
+        daemon.reload_hooks.register("logging", ("log_level",), lambda new: logs.set_level(new.log_level))
     except ConfigError as exc:
         listener.close()
         log.error("%s", exc.message)
@@ -122,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.freeze()
     finished = True
     try:
-        finished = asyncio.run(serve(daemon, listener, notifier, config=config))
+        finished = asyncio.run(serve(daemon, listener, notifier, config=config, config_path=args.config))
     finally:
         listener.close()
         try:

@@ -11,15 +11,17 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import os
 from collections.abc import Mapping
 from typing import IO, Any
 
-from azaiond import __version__
+from azaiond import __version__, memfd
 from azaiond.account import Account
 from azaiond.apiclient import Credentials
 from azaiond.config import Config
-from azaiond.errors import InvalidParams, TooLarge
+from azaiond.errors import AzaionError, InvalidParams, TooLarge
 from azaiond.fdio import CappedBuffer, FdSink, FdSource, HashingSink, require_readable, require_writable
+from azaiond.metrics import Metrics
 from azaiond.names import check_bucket, check_name
 from azaiond.resources import SplitResources
 from azaiond.rpc.table import Call
@@ -33,8 +35,17 @@ def _b64(data: bytes | bytearray) -> str:
 
 
 class Handlers:
-    def __init__(self, config: Config, account: Account, resources: SplitResources, unlock: UnlockJob) -> None:
+    def __init__(
+        self,
+        config: Config,
+        account: Account,
+        resources: SplitResources,
+        unlock: UnlockJob,
+        *,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._config = config
+        self._metrics = metrics or Metrics()
         self._account = account
         self._resources = resources
         self._unlock = unlock
@@ -59,15 +70,54 @@ class Handlers:
     def unlock_status(self, call: Call) -> Result:
         return self._unlock.status()
 
+    def metrics(self, call: Call) -> Result:
+        snapshot = self._metrics.snapshot()
+        return {**snapshot, "text": self._metrics.text(snapshot)}
+
     def load(self, call: Call) -> Result:
         name, folder = call.params["name"], call.params["folder"]
+        call.facts["resource"] = f"{folder}/{name}"
+        if call.params.get("memfd"):
+            if call.fd is not None:
+                raise InvalidParams("load: pass either memfd or a descriptor, not both")
+            return self._load_memfd(call, name, folder)
         if call.fd is not None:
             require_writable(call.fd, "load")
+            self._note_cache(call, name, folder)
             result = self._resources.load(name, folder, FdSink(call.fd), call.cancel)
+            call.facts["bytes"] = result.size
             return {"size": result.size, "sha256": result.sha256}
         buffer = CappedBuffer(self._inline_limit)
+        self._note_cache(call, name, folder)
         result = self._resources.load(name, folder, buffer, call.cancel)
+        call.facts["bytes"] = result.size
         return {"size": result.size, "sha256": result.sha256, "data": _b64(buffer.buffer)}
+
+    def _load_memfd(self, call: Call, name: str, folder: str) -> Result:
+        """The plaintext in a sealed memfd passed back with the reply: in memory only, and
+        nobody can change it once the caller has it (write, grow, shrink and seal are sealed)."""
+        check_name(name)
+        check_name(folder, "folder")
+        fd = memfd.create(f"azaiond:{folder}/{name}")
+        try:
+            self._note_cache(call, name, folder)
+            result = self._resources.load(name, folder, FdSink(fd), call.cancel)
+            memfd.seal(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        call.reply_fds.append(fd)
+        call.facts["bytes"] = result.size
+        return {"size": result.size, "sha256": result.sha256, "memfd": True}
+
+    def _note_cache(self, call: Call, name: str, folder: str) -> None:
+        # Whether the big part was in the cache as the load began (a bad entry refetched
+        # later still counts as the hit it looked like); names are checked by the load.
+        try:
+            path = self._resources.cache_path(check_name(name), check_name(folder, "folder"))
+            call.facts["cache"] = "hit" if path.exists() else "miss"
+        except AzaionError:
+            pass
 
     # -- admin ---------------------------------------------------------------------------
 
@@ -104,8 +154,10 @@ class Handlers:
         name = check_name(call.params["name"])
         folder = check_name(call.params["folder"], "folder")
         check_bucket(folder)
+        call.facts["resource"] = f"{folder}/{name}"
         with self._input(call, "upload") as source:
             result = self._resources.upload(name, folder, source, call.cancel)
+        call.facts["bytes"] = result.size
         return {"size": result.size, "small_size": result.small_size, "big_size": result.big_size}
 
     def cdn_upload(self, call: Call) -> Result:
@@ -114,6 +166,7 @@ class Handlers:
         with self._input(call, "cdn_upload") as source:
             counter = _CountingReader(source)
             self._account.cdn().upload_from(bucket, key, counter)
+        call.facts["bytes"] = counter.count
         return {"size": counter.count}
 
     def cdn_download(self, call: Call) -> Result:
@@ -123,10 +176,12 @@ class Handlers:
             require_writable(call.fd, "cdn_download")
             sink = HashingSink(FdSink(call.fd))
             self._account.cdn().download_into(bucket, key, sink)
+            call.facts["bytes"] = sink.size
             return {"size": sink.size, "sha256": sink.digest.hexdigest()}
         buffer = CappedBuffer(self._inline_limit)
         sink = HashingSink(buffer)
         self._account.cdn().download_into(bucket, key, sink)
+        call.facts["bytes"] = sink.size
         return {"size": sink.size, "sha256": sink.digest.hexdigest(), "data": _b64(buffer.buffer)}
 
     def unlock(self, call: Call) -> Result:

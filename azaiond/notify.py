@@ -64,6 +64,10 @@ class Notifier:
         self._last_status = line
         self._send(f"STATUS={line}")
 
+    def reloading(self) -> None:
+        """RELOADING=1: `systemctl reload` waits for the READY=1 that follows."""
+        self._send("RELOADING=1")
+
     def stopping(self) -> None:
         self._send("STOPPING=1")
 

@@ -22,7 +22,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from azaiond import __version__, seal
-from azaiond.cli import exitcodes
+from azaiond.cli import credential, exitcodes
 from azaiond.cli.files import OutputFile
 from azaiond.cli.progress import Progress, Sample
 from azaiond.client import Client, DaemonUnavailable, ProtocolError, RpcError
@@ -283,6 +283,30 @@ def cmd_unlock(ctx: Context, args: argparse.Namespace) -> int:
     return exitcodes.EXIT_OK
 
 
+def cmd_credential_login(ctx: Context, args: argparse.Namespace) -> int:
+    password = read_password(f"password for {args.email}: ")
+    if sys.stdin.isatty() and read_password("the same password again: ") != password:
+        raise CliError("the passwords differ", exitcodes.EXIT_USAGE)
+    try:
+        written = credential.write_login(args.email, password, output=args.output, encrypt=args.encrypt)
+    except credential.CredentialError as exc:
+        raise CliError(str(exc)) from exc
+    except OSError as exc:
+        raise CliError(f"cannot write the credential: {exc.strerror or exc}") from exc
+    if written.path == "-":
+        return exitcodes.EXIT_OK
+    result = {"path": written.path, "encrypted": written.encrypted}
+    how = " (encrypted with systemd-creds)" if written.encrypted else ""
+    ctx.show(result, f"wrote the login credential for {args.email} to {written.path}{how}")
+    if not ctx.json:
+        if written.encrypted:
+            ctx.say("next: a drop-in with LoadCredentialEncrypted=login:azaiond.login (see operators.md), "
+                    "then: systemctl restart azaiond", to_stderr=True)
+        else:
+            ctx.say("next: systemctl restart azaiond", to_stderr=True)
+    return exitcodes.EXIT_OK
+
+
 def cmd_unlock_status(ctx: Context, args: argparse.Namespace) -> int:
     result = ctx.client.call("unlock_status")
     ctx.show(result, f"unlock: {_unlock_text(result)}")
@@ -354,6 +378,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long")
     add("unlock-status", cmd_unlock_status, "show the progress or outcome of the unlock")
+
+    p = add("credential", cmd_credential_login, "write the daemon's credentials (no daemon needed)")
+    creds = p.add_subparsers(dest="credential", metavar="CREDENTIAL", required=True)
+    p = creds.add_parser(
+        "login",
+        parents=[common],
+        help="write the login credential as JSON (any password round-trips)",
+        description="Write the daemon's login credential (password from the terminal or stdin) as JSON, "
+        "encrypted with systemd-creds where it is installed.",
+    )
+    p.set_defaults(func=cmd_credential_login)
+    p.add_argument("email")
+    p.add_argument(
+        "-o", "--output", metavar="PATH",
+        help=f"where to write it, - for stdout (default: {credential.ENCRYPTED_PATH} when encrypted, "
+        f"else {credential.PLAIN_PATH})",
+    )
+    enc = p.add_mutually_exclusive_group()
+    enc.add_argument("--encrypt", dest="encrypt", action="store_true", default=None,
+                     help="encrypt with systemd-creds (default: when it is installed)")
+    enc.add_argument("--no-encrypt", dest="encrypt", action="store_false", help="write a plain 0600 file")
     # Publisher side: needs no daemon. main() hands its arguments to azaiond.seal before parsing,
     # so this entry only lists it in --help.
     add("seal-images", cmd_seal_images, "seal a docker save tar or images into images.enc (no daemon)")

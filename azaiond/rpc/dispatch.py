@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
@@ -31,7 +32,7 @@ from jsonrpcserver.sentinels import NOID
 from oslash.either import Left
 
 from azaiond.errors import AzaionError, InvalidParams
-from azaiond.rpc.table import Access, Call, MethodSpec, MethodTable, Param, Peer
+from azaiond.rpc.table import Access, Call, CallObserver, CallRecord, MethodSpec, MethodTable, Param, Peer
 
 log = logging.getLogger(__name__)
 
@@ -137,11 +138,14 @@ def may_call(spec: MethodSpec, peer: Peer) -> bool:
 class _Context:
     """What a wrapper needs about the message it serves; one per message, shared in a batch."""
 
-    __slots__ = ("deferred", "fd", "fd_error", "fds", "peer")
+    __slots__ = ("deferred", "fd", "fd_error", "fds", "peer", "reply_fds")
 
-    def __init__(self, peer: Peer, fds: Sequence[int], batch: bool) -> None:
+    def __init__(self, peer: Peer, fds: Sequence[int], batch: bool, reply_fds: list[int] | None = None) -> None:
         self.peer = peer
         self.fds = fds
+        # Where a single request's handler puts descriptors for the reply; None in a batch,
+        # whose one reply line cannot say which element a descriptor belongs to.
+        self.reply_fds = None if batch else reply_fds
         self.fd: int | None = fds[0] if len(fds) == 1 and not batch else None
         self.fd_error: str | None = None
         if len(fds) > 1:
@@ -201,8 +205,11 @@ class Dispatcher:
         workers: int = 32,
         executor: Executor | None = None,
         cancel: threading.Event | None = None,
+        observers: Sequence[CallObserver] = (),
     ) -> None:
         self.table = table
+        # Told about every call that reached a method (metrics, the per-call log), on the loop.
+        self._observers = tuple(observers)
         self._own_executor = executor is None
         self._executor: Executor = executor or ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="azaiond-rpc"
@@ -231,33 +238,64 @@ class Dispatcher:
 
         async def method(*args: Any, **kwargs: Any) -> Result:
             ctx: _Context = args[0]
-            if not may_call(spec, ctx.peer):
-                raise JsonRpcError(FORBIDDEN, "forbidden", {"kind": "forbidden"})
-            if len(args) > 1:
-                raise JsonRpcError(INVALID_PARAMS, "params must be named", {"kind": "invalid_params"})
+            observers = self._observers
+            # With observers: the call's facts, its time and its outcome go to each of them.
+            # One coroutine either way: a nested one would cost the hot path more than this.
+            facts: dict[str, Any] | None = {} if observers else None
+            start = time.perf_counter() if observers else 0.0
+            kind: str | None = None
             try:
-                validate_params(params, kwargs)
-            except InvalidParams as exc:
-                raise JsonRpcError(exc.code, exc.message, {"kind": exc.kind}) from None
-            if ctx.fd_error is not None:
-                raise JsonRpcError(INVALID_PARAMS, ctx.fd_error, {"kind": "invalid_params"})
-            call = Call(peer=ctx.peer, params=kwargs, fd=ctx.fd, cancel=self.cancel)
-            try:
-                if blocking:
-                    result = await self._run_thread(handler, call, ctx)
-                else:
-                    result = handler(call)
-            except AzaionError as exc:
-                raise JsonRpcError(exc.code, exc.message, {"kind": exc.kind}) from None
-            except Exception:
-                log.exception("method %s failed", name)
-                raise JsonRpcError(INTERNAL_ERROR, "internal error", {"kind": "internal"}) from None
-            if type(result) is not dict:
-                if not isinstance(result, Mapping):
-                    log.error("method %s returned %s, not an object", name, type(result).__name__)
-                    raise JsonRpcError(INTERNAL_ERROR, "internal error", {"kind": "internal"})
-                result = dict(result)
-            return Success(result)
+                if not may_call(spec, ctx.peer):
+                    raise JsonRpcError(FORBIDDEN, "forbidden", {"kind": "forbidden"})
+                if len(args) > 1:
+                    raise JsonRpcError(INVALID_PARAMS, "params must be named", {"kind": "invalid_params"})
+                try:
+                    validate_params(params, kwargs)
+                except InvalidParams as exc:
+                    raise JsonRpcError(exc.code, exc.message, {"kind": exc.kind}) from None
+                if ctx.fd_error is not None:
+                    raise JsonRpcError(INVALID_PARAMS, ctx.fd_error, {"kind": "invalid_params"})
+                call = Call(peer=ctx.peer, params=kwargs, fd=ctx.fd, cancel=self.cancel)
+                if facts is not None:
+                    call.facts = facts
+                try:
+                    if blocking:
+                        result = await self._run_thread(handler, call, ctx)
+                    else:
+                        result = handler(call)
+                except AzaionError as exc:
+                    _close_fds(call.reply_fds)
+                    raise JsonRpcError(exc.code, exc.message, {"kind": exc.kind}) from None
+                except Exception:
+                    _close_fds(call.reply_fds)
+                    log.exception("method %s failed", name)
+                    raise JsonRpcError(INTERNAL_ERROR, "internal error", {"kind": "internal"}) from None
+                if call.reply_fds:
+                    if ctx.reply_fds is None:
+                        _close_fds(call.reply_fds)
+                        raise JsonRpcError(INVALID_PARAMS, f"{name}: a reply descriptor needs a single request, "
+                                           "not a batch or a notification", {"kind": "invalid_params"})
+                    ctx.reply_fds.extend(call.reply_fds)
+                if type(result) is not dict:
+                    if not isinstance(result, Mapping):
+                        log.error("method %s returned %s, not an object", name, type(result).__name__)
+                        raise JsonRpcError(INTERNAL_ERROR, "internal error", {"kind": "internal"})
+                    result = dict(result)
+                return Success(result)
+            except JsonRpcError as exc:
+                kind = exc.data.get("kind", "internal") if isinstance(exc.data, dict) else "internal"
+                raise
+            except asyncio.CancelledError:
+                kind = "cancelled"
+                raise
+            finally:
+                if facts is not None:
+                    record = CallRecord(name, ctx.peer, kind, time.perf_counter() - start, facts)
+                    for observe in observers:
+                        try:
+                            observe(record)
+                        except Exception:
+                            log.exception("a call observer failed")
 
         # jsonrpcserver binds every call against the method's signature; a ready one skips
         # inspect's work, and *args/**kwargs never fails to bind, so params errors stay ours.
@@ -274,6 +312,8 @@ class Dispatcher:
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
+            # Whatever the handler still makes for the reply has nobody to go to.
+            future.add_done_callback(lambda _: _close_fds(call.reply_fds))
             if ctx.fds and not future.done():
                 # The thread may still write to the descriptor: closing it now could hand its
                 # number to another file. Close it when the thread lets go.
@@ -282,10 +322,14 @@ class Dispatcher:
                 future.add_done_callback(lambda _: _close_fds(fds))
             raise
 
-    async def handle(self, line: bytes, peer: Peer, fds: Sequence[int] = ()) -> bytes | None:
+    async def handle(
+        self, line: bytes, peer: Peer, fds: Sequence[int] = (), reply_fds: list[int] | None = None
+    ) -> bytes | None:
         """The reply line for one received line (newline stripped), or None when none is due.
 
         Takes ownership of ``fds``: they are closed once every handler of the line returned.
+        Descriptors the handler passes back are appended to ``reply_fds`` (the transport sends
+        them with the reply and closes them); without that list a call cannot pass any.
         """
         ctx: _Context | None = None
         try:
@@ -296,7 +340,7 @@ class Dispatcher:
             if type(obj) is dict:
                 if not shape_ok(obj):
                     return INVALID_REQUEST_LINE
-                ctx = _Context(peer, fds, batch=False)
+                ctx = _Context(peer, fds, batch=False, reply_fds=reply_fds if "id" in obj else None)
                 return await self._single(obj, ctx)
             if type(obj) is list and obj:
                 ctx = _Context(peer, fds, batch=True)

@@ -60,6 +60,24 @@ def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
+async def _send_with_fds(sock: socket.socket, data: bytes, fds: Sequence[int]) -> None:
+    """Send ``data`` with ``fds`` (SCM_RIGHTS) riding on its first bytes, as the client expects."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            sent = socket.send_fds(sock, [data], list(fds))
+            break
+        except (BlockingIOError, InterruptedError):
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(sock.fileno(), _set_ready, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_writer(sock.fileno())
+    if sent < len(data):
+        await loop.sock_sendall(sock, data[sent:])
+
+
 def _recvmsg(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
     data, ancdata, flags, _ = sock.recvmsg(size, _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
     fds = _fds_of(ancdata) if ancdata else []
@@ -233,9 +251,15 @@ class Server:
                         _close_all(mine)  # a blank line is no message and claims nothing
                         continue
                     conn.busy = True
-                    reply = await dispatcher.handle(line, conn.peer, mine)
-                    if reply is not None:
-                        await loop.sock_sendall(sock, reply)
+                    reply_fds: list[int] = []
+                    try:
+                        reply = await dispatcher.handle(line, conn.peer, mine, reply_fds)
+                        if reply is not None and reply_fds:
+                            await _send_with_fds(sock, reply, reply_fds)
+                        elif reply is not None:
+                            await loop.sock_sendall(sock, reply)
+                    finally:
+                        _close_all(reply_fds)  # ours to close once sent (the peer holds its copies)
                     conn.busy = False
                     if self._closing:
                         return
