@@ -1,6 +1,6 @@
 """Benchmark of the core engine and of load through the daemon, with baselines from the same run.
 
-    python scripts/bench_core.py [--size-mb 1024] [--repeat 3]
+    python3 -m scripts.bench_core [--size-mb 1024] [--repeat 3]
 
 Load (warm cache) of SIZE into a file, against:
   - openssl:   ``openssl enc -d -aes-256-cbc`` on the same ciphertext;
@@ -86,7 +86,7 @@ def child(args: list[str]) -> None:
     elif kind == "s3put":
         import boto3
 
-        from azaiond.devstack import boto_config
+        from tests.support.devstack import boto_config
 
         t = time.perf_counter()
         s3 = boto3.client(
@@ -162,8 +162,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from azaiond import crypto
-    from azaiond.devstack import DevStack
     from azaiond.resources import small_size
+    from tests.support.devstack import DevStack
 
     work = Path(tempfile.mkdtemp(prefix="azbench-", dir=args.workdir or "/var/tmp"))
     stack = DevStack.start(work / "stack")

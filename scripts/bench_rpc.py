@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Round-trip cost of `health` on azaiond against a bare asyncio line server, in one run.
 
-    python scripts/bench_rpc.py [--calls 20000] [--clients 8] [--rounds 3] [--versus DIR]
+    python3 -m scripts.bench_rpc [--calls 20000] [--clients 8] [--rounds 3] [--versus DIR]
 
 Starts azaiond (temp config, temp socket) and a bare asyncio server that answers every line
 with a fixed reply, then measures, alternating between the two each round: p50/p99 latency

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: unlock of a sealed archive against the shell pipeline and the seed's approach.
 
-    python scripts/bench_unlock.py [--size-mib 1024] [--repeat 3] [--docker-url URL]
+    python3 -m scripts.bench_unlock [--size-mib 1024] [--repeat 3] [--docker-url URL]
 
 Methods, alternated in every round, each starting from an engine without the image:
 
@@ -37,9 +37,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from azaiond import crypto
-from azaiond.devdocker import Dockerd, start_dockerd
 from azaiond.seal import archive_key, seal
 from tests.fixtures_docker import write_rootfs_tar
+from tests.support.devdocker import Dockerd, start_dockerd
 
 EMAIL, PASSWORD = "bench@example.com", secrets.token_hex(12)
 NAME = "azaion/bench:1"
@@ -196,7 +196,7 @@ def main() -> int:
         child(json.loads(args.child))
         return 0
 
-    from azaiond.refserver import RefServer, User
+    from tests.support.refserver import RefServer, User
 
     fragment = secrets.token_bytes(32)
     times: dict[str, list[float]] = {"job": [], "piped": [], "seed": [], "bare": []}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from azaiond.devdocker import Dockerd, start_dockerd
+from tests.support.devdocker import Dockerd, start_dockerd
 
 
 @pytest.fixture(scope="session")

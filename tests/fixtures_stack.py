@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import requests
 
-from azaiond.devstack import DevStack
-from azaiond.refserver import RefServer, User
+from tests.support.devstack import DevStack
+from tests.support.refserver import RefServer, User
 
 
 @pytest.fixture(scope="session")

@@ -21,9 +21,9 @@ import pytest
 
 from azaiond.cli import exitcodes
 from azaiond.cli.progress import Progress, render
-from azaiond.devstack import DevStack
 from azaiond.errors import ALL_ERRORS, AzaionError
 from tests.fixtures_daemon import DaemonHandle
+from tests.support.devstack import DevStack
 from tests.test_client import GOOD_PASSWORD, FakeDaemon, blob, fake_daemon
 
 CLI = [sys.executable, "-m", "azaiond.cli.main"]

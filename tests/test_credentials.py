@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from azaiond.credentials import parse_login
-from azaiond.devstack import DevStack
-from azaiond.refserver import User
 from tests.fixtures_daemon import DaemonHandle
 from tests.fixtures_stack import unique_name
+from tests.support.devstack import DevStack
+from tests.support.refserver import User
 
 Factory = Callable[..., DaemonHandle]
 

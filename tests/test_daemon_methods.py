@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from azaiond.devstack import DevStack
 from tests.fixtures_daemon import DaemonHandle, recv_line, request_line
+from tests.support.devstack import DevStack
 
 FOLDER = "daemon-models"
 Factory = Callable[..., DaemonHandle]

@@ -14,10 +14,10 @@ from collections.abc import Callable
 import pytest
 
 from azaiond.client import AzaionClient
-from azaiond.devstack import DevStack
 from azaiond.errors import InvalidParams, NotFound
 from tests.fixtures_daemon import DaemonHandle, connect, recv_line
 from tests.fixtures_stack import unique_name
+from tests.support.devstack import DevStack
 
 Factory = Callable[..., DaemonHandle]
 

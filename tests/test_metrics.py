@@ -9,10 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from azaiond.devstack import DevStack
 from azaiond.metrics import Histogram, Metrics
 from tests.fixtures_daemon import DaemonHandle
 from tests.fixtures_stack import unique_name
+from tests.support.devstack import DevStack
 
 Factory = Callable[..., DaemonHandle]
 

@@ -16,11 +16,11 @@ from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
 from azaiond import config, crypto
-from azaiond.devstack import DevStack, KeyPair
 from azaiond.errors import IntegrityError
-from azaiond.refserver import RefServer, User
-from azaiond.refserver.handler import parse_multipart
 from tests.fixtures_stack import ApiClient, unique_name
+from tests.support.devstack import DevStack, KeyPair
+from tests.support.refserver import RefServer, User
+from tests.support.refserver.handler import parse_multipart
 
 
 def _api_key(user: User, hardware: str) -> bytes:
@@ -296,7 +296,7 @@ def test_standalone_server_with_storage_dir(tmp_path: Path) -> None:
 
 def test_cli_prints_url_and_serves(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "azaiond.refserver.cli", "--user", "a@b.c:p:w:Admin", "--log-level", "error"],
+        [sys.executable, "-m", "tests.support.refserver.cli", "--user", "a@b.c:p:w:Admin", "--log-level", "error"],
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -22,7 +22,6 @@ from azaiond import crypto
 from azaiond.account import Account
 from azaiond.apiclient import Credentials, ResourceApi
 from azaiond.cdn import Cdn, CdnSettings
-from azaiond.devstack import DevStack
 from azaiond.errors import (
     CdnError,
     HardwareMismatch,
@@ -34,6 +33,7 @@ from azaiond.errors import (
 )
 from azaiond.resources import SplitResources, small_size
 from azaiond.tokencache import TokenCache
+from tests.support.devstack import DevStack
 
 FOLDER = "models"
 

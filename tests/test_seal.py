@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from azaiond import crypto
-from azaiond.devdocker import Dockerd
 from azaiond.seal import archive_key, main, seal
 from azaiond.unlock import decrypted_tar
 from tests.fixtures_docker import build_image
+from tests.support.devdocker import Dockerd
 
 
 def _openssl_decrypt(enc: Path, fragment: bytes) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import os
@@ -26,14 +25,6 @@ def test_jsonrpcserver_imports() -> None:
     from jsonrpcserver.async_main import dispatch_to_response
 
     assert callable(dispatch_to_response) and JsonRpcError is not None
-
-
-def test_key_derivations_match_spec() -> None:
-    assert crypto.aes_key("abc") == hashlib.sha256(b"abc").digest()
-    expected_hw = base64.b64encode(hashlib.sha384(b"Azaion_CPU: x_%$$$)0_").digest()).decode()
-    assert crypto.hw_hash("CPU: x") == expected_hw
-    material = f"a@b-pw-{expected_hw}-#%@AzaionKey@%#---".encode()
-    assert crypto.api_key("a@b", "pw", expected_hw) == base64.b64encode(hashlib.sha384(material).digest()).decode()
 
 
 @settings(max_examples=60, deadline=None)

@@ -29,14 +29,14 @@ from azaiond.account import Account
 from azaiond.apiclient import Credentials, ResourceApi
 from azaiond.cdn import Cdn, CdnSettings
 from azaiond.config import ApiConfig, Config, DockerConfig, UnlockConfig
-from azaiond.devdocker import Dockerd
 from azaiond.errors import IntegrityError
 from azaiond.images import DockerImages
-from azaiond.refserver import RefServer, User
 from azaiond.seal import archive_key, seal
 from azaiond.unlock import RUNNING, UnlockJob, decrypted_tar
 from tests.fixtures_daemon import DaemonHandle
 from tests.fixtures_docker import build_image, save_images
+from tests.support.devdocker import Dockerd
+from tests.support.refserver import RefServer, User
 
 pytestmark = pytest.mark.docker
 

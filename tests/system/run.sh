@@ -5,7 +5,7 @@
 # installs the package there with apt (so its dependencies must resolve against Debian), and
 # checks the units, the socket's access rules, restarts, the watchdog-style crash restart, the
 # boot-time unlock after a reboot, and the purge. The container shares the host's network: the
-# reference Resource API and moto's S3 (python3 -m azaiond.devstack) run on the host's loopback,
+# reference Resource API and moto's S3 (python3 -m tests.support.devstack) run on the host's loopback,
 # and a private dockerd's socket is bound in as /run/docker.sock.
 #
 # Each check prints one line when it passes; the first failure prints what it ran, its output
@@ -236,7 +236,7 @@ DOCKERD_PID=$!
 DOCKER=(docker -H "unix://$W/docker/docker.sock")
 wait_for 30 "private dockerd answers" "${DOCKER[@]}" version
 
-(cd "$REPO" && exec "$PY" -m azaiond.devstack --workdir "$W/stack" --no-enforce-keys) >"$W/stack.log" 2>&1 &
+(cd "$REPO" && exec "$PY" -m tests.support.devstack --workdir "$W/stack" --no-enforce-keys) >"$W/stack.log" 2>&1 &
 STACK_PID=$!
 wait_for 60 "dev stack up (reference Resource API + moto S3 on loopback)" test -s "$W/stack/stack.json"
 API_URL=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["api_url"])' "$W/stack/stack.json")

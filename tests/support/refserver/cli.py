@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from azaiond.refserver.server import RefServer
-from azaiond.refserver.state import ROLES, User
+from tests.support.refserver.server import RefServer
+from tests.support.refserver.state import ROLES, User
 
 
 def _user_flag(value: str) -> User:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     print(f"listening on {server.url}", flush=True)
-    logging.getLogger("azaiond.refserver").info(
+    logging.getLogger("tests.support.refserver").info(
         "%d user(s), key fragment %s, cdn.yaml %s, control endpoints %s",
         len(users),
         "set" if args.key_fragment_file else "unset",

@@ -1,4 +1,4 @@
-"""A walk through every flow on one machine, all on loopback: ``python -m azaiond.demo``.
+"""A walk through every flow on one machine, all on loopback: ``python -m scripts.demo``.
 
 It starts the dev stack (the reference Resource API and moto's S3), then azaiond as a
 separate process on a temporary socket with a temporary state dir, and drives it with
@@ -25,9 +25,9 @@ from pathlib import Path
 import docker
 
 from azaiond.client import DaemonUnavailable, wait_until_listening
-from azaiond.demo_unlock import DEMO_IMAGE, prepare_sealed_image
-from azaiond.devdocker import start_dockerd
-from azaiond.devstack import DevStack
+from scripts.demo_unlock import DEMO_IMAGE, prepare_sealed_image
+from tests.support.devdocker import start_dockerd
+from tests.support.devstack import DevStack
 
 FOLDER = "models"
 
@@ -146,7 +146,7 @@ def _docker_url(explicit: str | None) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m azaiond.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__)
     parser.add_argument("--docker-url", help="a Docker engine for the unlock step (default: /run/docker.sock)")
     parser.add_argument(
         "--no-private-dockerd",

@@ -19,9 +19,7 @@ from typing import Any
 
 import jwt
 
-from azaiond import crypto
-from azaiond.errors import InvalidName
-from azaiond.names import check_name
+from tests.support.refserver import v1
 
 ROLES = ("ApiAdmin", "Admin", "ResourceUploader", "Validator", "Operator", "User")
 UPLOAD_ROLES = frozenset({"ApiAdmin", "Admin", "ResourceUploader"})
@@ -63,11 +61,7 @@ class ApiError(Exception):
 
 
 def _valid(name: str) -> bool:
-    try:
-        check_name(name)
-    except InvalidName:
-        return False
-    return True
+    return v1.allowed_name(name)
 
 
 class _Store:
@@ -206,7 +200,7 @@ class ApiState:
             raise ApiError(400, E_BAD_REQUEST, "fileName is not an allowed name")
         if not secrets.compare_digest(user.password.encode(), password.encode()):
             raise ApiError(403, E_BAD_CREDENTIALS, "password does not match the token's user")
-        hw = crypto.hw_hash(hardware)
+        hw = v1.hardware_hash(hardware)
         with self._lock:
             bound = self._bindings.setdefault(user.email, hw)  # the first hardware seen wins
             if bound != hw:
@@ -216,7 +210,7 @@ class ApiState:
                 raise ApiError(404, E_NOT_FOUND, f"no file {name!r} in folder {folder!r}")
             # Only a successful answer consumes a pending corruption.
             tamper = self._corrupt.pop(0) if self._corrupt else None
-        body = crypto.encrypt_bytes(content, crypto.aes_key(crypto.api_key(user.email, password, hw)))
+        body = v1.encrypt(content, v1.aes_key(v1.user_secret(user.email, password, hw)))
         if tamper is not None:
             offset, mask = tamper
             data = bytearray(body)

@@ -11,8 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
-from azaiond.refserver.handler import RefHTTPServer
-from azaiond.refserver.state import ApiState, User
+from tests.support.refserver.handler import RefHTTPServer
+from tests.support.refserver.state import ApiState, User
 
 
 class RefServer(ApiState):

@@ -4,8 +4,8 @@
 ``/_control/`` endpoints and switch methods exist for tests and demos only.
 """
 
-from azaiond.refserver.cli import main
-from azaiond.refserver.server import RefServer
-from azaiond.refserver.state import ROLES, UPLOAD_ROLES, ApiError, User
+from tests.support.refserver.cli import main
+from tests.support.refserver.server import RefServer
+from tests.support.refserver.state import ROLES, UPLOAD_ROLES, ApiError, User
 
 __all__ = ["ROLES", "UPLOAD_ROLES", "ApiError", "RefServer", "User", "main"]

@@ -1,10 +1,10 @@
 """A complete local stack on loopback: the reference Resource API plus moto's S3 as the CDN.
 
-Used by the README demo (``python -m azaiond.devstack --workdir DIR``), the tests and the
-benchmarks. The CDN gets three IAM users with their own key pairs: a reader (get/list/head),
-a writer (put and multipart) and an admin (everything, for tests that inspect or tamper with
-objects). moto checks signatures and policies once IAM enforcement is switched on, so the
-wrong key pair fails for real, as on a real store.
+Used by the demo (``python3 -m scripts.demo``), the system test (``python3 -m tests.support.devstack
+--workdir DIR``), the tests and the benchmarks. The CDN gets three IAM users with their own key
+pairs: a reader (get/list/head), a writer (put and multipart) and an admin (everything, for tests
+that inspect or tamper with objects). moto checks signatures and policies once IAM enforcement is
+switched on, so the wrong key pair fails for real, as on a real store.
 
 moto keeps its backends and its auth switch per *process*: stacks started in one process share
 buckets and IAM users, and while any stack is running every moto call in the process is
@@ -36,9 +36,9 @@ from moto.server import ThreadedMotoServer
 
 from azaiond.cdn import botocore_config
 from azaiond.names import check_bucket
-from azaiond.refserver import RefServer, User
+from tests.support.refserver import RefServer, User
 
-log = logging.getLogger("azaiond.devstack")
+log = logging.getLogger("tests.support.devstack")
 
 REGION = "us-east-1"
 HARDWARE = "CPU: Azaion Test CPU. GPU: none. Memory: 16318480 kB. DriveSerial: AZ-DEV-0001."
@@ -277,7 +277,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m azaiond.devstack", description="Run the dev stack (Resource API + S3) on loopback."
+        prog="python -m tests.support.devstack", description="Run the dev stack (Resource API + S3) on loopback."
     )
     p.add_argument("--workdir", type=Path, required=True, help="where config, state and credentials go")
     p.add_argument("--no-enforce-keys", action="store_true", help="leave moto's IAM checks off")

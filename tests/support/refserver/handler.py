@@ -20,11 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from azaiond.errors import InvalidName
-from azaiond.names import check_name
-from azaiond.refserver.state import E_BAD_REQUEST, E_INJECTED, E_NOT_FOUND, ApiError, ApiState, User
+from tests.support.refserver import v1
+from tests.support.refserver.state import E_BAD_REQUEST, E_INJECTED, E_NOT_FOUND, ApiError, ApiState, User
 
-log = logging.getLogger("azaiond.refserver")
+log = logging.getLogger("tests.support.refserver")
 
 MAX_BODY = 64 * 1024 * 1024  # small parts are KBs; this only stops a runaway client
 CONTROL = "/_control/"
@@ -53,10 +52,14 @@ def _folder(value: str) -> str:
     """Folder from the URL: ``""`` (cdn.yaml) or a valid name."""
     if value == "":
         return value
-    try:
-        return check_name(value, "folder")
-    except InvalidName as exc:
-        raise ApiError(400, E_BAD_REQUEST, exc.message) from exc
+    return _name(value, "folder")
+
+
+def _name(value: object, what: str) -> str:
+    if not v1.allowed_name(value):
+        raise ApiError(400, E_BAD_REQUEST, f"{what} is not allowed: use 1-128 of A-Z a-z 0-9 . _ -")
+    assert isinstance(value, str)
+    return value
 
 
 def _headers(raw: bytes) -> Message:
@@ -223,10 +226,7 @@ class Handler(BaseHTTPRequestHandler):
         filename, content = fields.get("data", (None, b""))
         if not filename:
             raise ApiError(400, E_BAD_REQUEST, "field 'data' with a file name is required")
-        try:
-            check_name(filename, "file name")
-        except InvalidName as exc:
-            raise ApiError(400, E_BAD_REQUEST, exc.message) from exc
+        _name(filename, "file name")
         state.put_resource(user, folder, filename, content)
         self._json(200, {"fileName": filename, "folder": folder, "size": len(content)})
 
@@ -277,10 +277,7 @@ class Handler(BaseHTTPRequestHandler):
     def _control_part(self, method: str, query: dict[str, str], body: bytes) -> None:
         state = self.server.state
         folder = _folder(query.get("folder", ""))
-        try:
-            name = check_name(query.get("name"), "name")
-        except InvalidName as exc:
-            raise ApiError(400, E_BAD_REQUEST, exc.message) from exc
+        name = _name(query.get("name"), "name")
         if method == "GET":
             data = state.get_part(folder, name)
             if data is None:
