@@ -64,7 +64,11 @@ Command = Callable[[Context, argparse.Namespace], int]
 def read_password(prompt: str) -> str:
     """From the terminal without echo, or one line of stdin (for scripts and units)."""
     if sys.stdin.isatty():
-        password = getpass.getpass(prompt)
+        try:
+            password = getpass.getpass(prompt)
+        except EOFError:  # Ctrl-D
+            print(file=sys.stderr)
+            raise CliError("no password given", exitcodes.EXIT_USAGE) from None
     else:
         line = sys.stdin.readline()
         if not line:
@@ -278,7 +282,7 @@ def cmd_unlock(ctx: Context, args: argparse.Namespace) -> int:
     result = ctx.client.call("unlock", params)
     state = str(result.get("state"))
     if args.wait:
-        return _wait_for_unlock(ctx, params, state, args.timeout)
+        return _wait_for_unlock(ctx, params, state, getattr(args, "timeout", None))
     ctx.show(result, f"unlock: {state} (follow with: azaionctl unlock-status)")
     return exitcodes.EXIT_OK
 
@@ -310,6 +314,47 @@ def cmd_credential_login(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_unlock_status(ctx: Context, args: argparse.Namespace) -> int:
     result = ctx.client.call("unlock_status")
     ctx.show(result, f"unlock: {_unlock_text(result)}")
+    if result.get("state") == "error":
+        # Scripts and monitors branch on this: a failed unlock is not a success.
+        error = result.get("error")
+        kind = str(error.get("kind")) if isinstance(error, dict) else "internal"
+        return exitcodes.exit_code_for_kind(kind)
+    return exitcodes.EXIT_OK
+
+
+def cmd_metrics(ctx: Context, args: argparse.Namespace) -> int:
+    result = ctx.client.call("metrics")
+    if ctx.json:
+        ctx.say(json.dumps(result, sort_keys=True))
+    else:
+        ctx.stdout.write(str(result.get("text", "")))
+    return exitcodes.EXIT_OK
+
+
+def cmd_version(ctx: Context, args: argparse.Namespace) -> int:
+    try:
+        daemon: str | None = str(ctx.client.call("status").get("version"))
+        problem = None
+    except (RpcError, DaemonUnavailable, ProtocolError) as exc:
+        daemon, problem = None, str(exc)
+    result = {"client": __version__, "daemon": daemon}
+    human = f"{PROG} {__version__}\nazaiond {daemon if daemon else f'unknown ({problem})'}"
+    ctx.show(result, human)
+    return exitcodes.EXIT_OK if daemon else exitcodes.EXIT_UNAVAILABLE
+
+
+def cmd_help(ctx: Context, args: argparse.Namespace) -> int:
+    parser = build_parser()
+    if not args.topic:
+        parser.print_help(ctx.stdout)
+        return exitcodes.EXIT_OK
+    if args.topic == "seal-images":
+        return seal.main(["--help"], prog=f"{PROG} seal-images")
+    try:
+        parser.parse_args([args.topic, "--help"])  # prints the command's help and exits 0
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise CliError(f"no such command: {args.topic}", exitcodes.EXIT_USAGE, f"see: {PROG} help") from None
     return exitcodes.EXIT_OK
 
 
@@ -328,7 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="daemon socket (default: $AZAIOND_SOCKET or /run/azaiond/azaiond.sock)",
     )
     common.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="print the raw result as JSON"
+        "--json", action="store_true", default=argparse.SUPPRESS,
+        help="print the raw result as JSON on stdout, and errors as {\"error\": {...}} on stdout too",
+    )
+    common.add_argument(
+        "--timeout", type=float, metavar="SECONDS", default=argparse.SUPPRESS,
+        help="give up on the daemon after this long: connecting and each reply (with unlock --wait: "
+        "the whole wait); default: wait as long as it takes",
     )
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -376,8 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--email", help="log in as this user (password from the terminal or stdin); default: the daemon's own"
     )
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long")
     add("unlock-status", cmd_unlock_status, "show the progress or outcome of the unlock")
+
+    add("metrics", cmd_metrics, "show the daemon's counters (Prometheus text; --json for the object)")
+    add("version", cmd_version, "show the versions of azaionctl and of the daemon")
+    p = add("help", cmd_help, "show the help of azaionctl or of one command")
+    p.add_argument("topic", nargs="?", metavar="COMMAND")
 
     p = add("credential", cmd_credential_login, "write the daemon's credentials (no daemon needed)")
     creds = p.add_subparsers(dest="credential", metavar="CREDENTIAL", required=True)
@@ -416,6 +471,17 @@ def report_error(stream: TextIO, kind: str | None, message: str, hint: str | Non
         print(f"{PROG}: {hint}", file=stream)
 
 
+def _json_failure(stream: TextIO, exc: Exception, code: int) -> None:
+    """Under --json, the error as one JSON object on stdout, for scripts that parse stdout."""
+    kind = exc.kind if isinstance(exc, RpcError) else None
+    if isinstance(exc, DaemonUnavailable):
+        kind = "unavailable" if exc.reason != "permission" else "no_permission"
+    message = getattr(exc, "message", None) or str(exc)
+    hint = exitcodes.HINTS.get(kind or "") if isinstance(exc, RpcError) else getattr(exc, "hint", None)
+    error = {"kind": kind or "failure", "message": message, "hint": hint, "exit_status": code}
+    print(json.dumps({"error": error}, sort_keys=True), file=stream)
+
+
 def _failure(stream: TextIO, exc: Exception) -> int:
     """Report an error for a person and pick the exit status."""
     if isinstance(exc, RpcError):
@@ -445,16 +511,21 @@ def main(argv: list[str] | None = None) -> int:
         return seal.main(argv[1:], prog=f"{PROG} seal-images")
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
-    client = Client(getattr(args, "socket", None))
+    client = Client(getattr(args, "socket", None), timeout=getattr(args, "timeout", None))
     ctx = Context(client, getattr(args, "json", False), sys.stdout, sys.stderr)
     func: Command = args.func
     try:
         with client:
             return func(ctx, args)
     except (RpcError, DaemonUnavailable, ProtocolError, CliError) as exc:
-        return _failure(ctx.stderr, exc)
-    except KeyboardInterrupt:
+        code = _failure(ctx.stderr, exc)
+        if ctx.json:
+            _json_failure(ctx.stdout, exc, code)
+        return code
+    except KeyboardInterrupt:  # Ctrl-C, at a prompt or during a call: no traceback
         print(file=ctx.stderr)
+        if ctx.json:
+            _json_failure(ctx.stdout, CliError("interrupted"), 130)
         return 130
 
 
