@@ -89,7 +89,7 @@ def reload_config(daemon: wiring.Daemon, path: Path | None, notifier: Notifier) 
             )
             return
         if new.allow_insecure_http:
-            log.warning("allow_insecure_http is true: %s", _INSECURE)
+            log.warning("allow_insecure_http is true: %s", _INSECURE, extra={"fields": {"event": "insecure_http"}})
         report = daemon.reload(new)
         if report.applied:
             log.info("reload applied: %s", ", ".join(report.applied), extra={"fields": {"event": "reload"}})
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     logs.setup(config.log_level)
     if config.allow_insecure_http:
-        log.warning("allow_insecure_http is true: %s", _INSECURE)
+        log.warning("allow_insecure_http is true: %s", _INSECURE, extra={"fields": {"event": "insecure_http"}})
     notifier = Notifier()
     notifier.status("starting")
     # The socket first: a second daemon must fail here, before it touches the state dir.

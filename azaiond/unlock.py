@@ -316,10 +316,10 @@ class UnlockJob:
         with self._lock:
             self._state, self._error, self._progress = state, error, None
         if error:
-            log.warning("unlock failed (%s): %s", kind, message)
+            log.warning("unlock failed (%s): %s", kind, message, extra={"fields": {"event": "unlock", "kind": kind}})
             self._status_line(f"unlock: error ({kind}): {message}")
         else:
-            log.info("unlock: ready")
+            log.info("unlock: ready", extra={"fields": {"event": "unlock"}})
             self._status_line("unlock: ready")
 
     def _persist(self, record: dict[str, Any]) -> None:

@@ -147,7 +147,8 @@ class Daemon:
         try:
             self.account.login()
         except AzaionError as exc:
-            log.warning("login with the 'login' credential failed: %s", exc.message)
+            log.warning("login with the 'login' credential failed: %s", exc.message,
+                        extra={"fields": {"event": "login_failed", "kind": exc.kind}})
 
     def close(self) -> None:
         """Stop background work and release clients; called once on shutdown."""

@@ -18,11 +18,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
 from azaiond import __version__, seal
-from azaiond.cli import credential, exitcodes
+from azaiond.cli import credential, doctor, exitcodes
 from azaiond.cli.files import OutputFile
 from azaiond.cli.progress import Progress, Sample
 from azaiond.client import Client, DaemonUnavailable, ProtocolError, RpcError
@@ -343,6 +344,16 @@ def cmd_version(ctx: Context, args: argparse.Namespace) -> int:
     return exitcodes.EXIT_OK if daemon else exitcodes.EXIT_UNAVAILABLE
 
 
+def cmd_doctor(ctx: Context, args: argparse.Namespace) -> int:
+    checks = doctor.run(ctx.client, ctx.client.socket_path, args.config)
+    if ctx.json:
+        ctx.say(json.dumps({"ok": all(c.ok for c in checks), "checks": [c.as_dict() for c in checks]}))
+    else:
+        for c in checks:
+            ctx.say(f"{'ok ' if c.ok else 'BAD'}  {c.name:<9} {c.detail}")
+    return exitcodes.EXIT_OK if all(c.ok for c in checks) else exitcodes.EXIT_FAILURE
+
+
 def cmd_help(ctx: Context, args: argparse.Namespace) -> int:
     parser = build_parser()
     if not args.topic:
@@ -431,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("metrics", cmd_metrics, "show the daemon's counters (Prometheus text; --json for the object)")
     add("version", cmd_version, "show the versions of azaionctl and of the daemon")
+    p = add("doctor", cmd_doctor, "check socket, daemon, config, API, CDN, Docker and login; print the hardware string")
+    p.add_argument("--config", type=Path, metavar="PATH",
+                   help="the daemon's config (default: $AZAIOND_CONFIG, else /etc/azaiond/config.yaml)")
     p = add("help", cmd_help, "show the help of azaionctl or of one command")
     p.add_argument("topic", nargs="?", metavar="COMMAND")
 
