@@ -30,6 +30,8 @@ class Account:
         self._make_cdn = make_cdn
         self._cdn: Cdn | None = None
         self._lock = threading.Lock()
+        # Called after every successful login (e.g. to start the background prefetch).
+        self.on_login: list[Callable[[User], None]] = []
         self._journal = journal
         self._cleanup_lock = threading.Lock()
 
@@ -37,6 +39,8 @@ class Account:
         user = self.api.login(credentials)
         with self._lock:
             self._cdn = None  # another user may have other CDN keys
+        for listener in self.on_login:
+            listener(user)
         self.abort_orphans_later()
         return user
 

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any, Protocol
 
 import jwt
 import requests
@@ -40,6 +40,7 @@ from azaiond.errors import (
     HardwareMismatch,
     NotAuthenticated,
     NotFound,
+    StorageError,
     UpstreamError,
 )
 from azaiond.tokencache import CachedToken, TokenCache
@@ -65,6 +66,19 @@ class User:
 
     def as_dict(self) -> dict[str, str]:
         return {"email": self.email, "role": self.role}
+
+
+class StreamBody(Protocol):
+    """A request body read in pieces, with its length known up front."""
+
+    filename: str
+    content_type: str
+
+    def __len__(self) -> int: ...
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def rewind(self) -> bool: ...
 
 
 def _server_message(resp: requests.Response) -> tuple[object, str]:
@@ -269,15 +283,22 @@ class ResourceApi:
 
     # -- transport -----------------------------------------------------------------------
 
-    def _send(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+    def _send(
+        self, method: str, path: str, rewind: Callable[[], bool] | None = None, **kwargs: Any
+    ) -> requests.Response:
         """One logical request: retried on 5xx and connection errors, with backoff and jitter,
-        all within the call's deadline."""
+        all within the call's deadline. A streamed body is sent again only if ``rewind()`` puts
+        it back at its start."""
         if not self._url:
             raise UpstreamError("api.url is not configured")
         url = self._url + path
         last: str = ""
         with self._call() as deadline:
             for attempt in range(self._retries + 1):
+                if attempt and rewind is not None and not rewind():
+                    raise UpstreamError(
+                        f"the Resource API failed ({last}) and the streamed input cannot be sent again"
+                    )
                 if attempt:
                     delay = self._backoff * (2 ** (attempt - 1)) * random.uniform(0.5, 1.5)  # noqa: S311
                     if delay >= deadline.remaining():
@@ -304,11 +325,16 @@ class ResourceApi:
                 )
         raise UpstreamError(f"the Resource API failed after {self._retries + 1} attempts: {last}")
 
-    def _authed(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+    def _authed(
+        self, method: str, path: str, rewind: Callable[[], bool] | None = None, **kwargs: Any
+    ) -> requests.Response:
         """A bearer request; on 401/403 log in again and retry once."""
+        extra_headers = kwargs.pop("headers", {})
         for attempt in (0, 1):
-            headers = {"Authorization": f"Bearer {self._bearer()}"}
-            resp = self._send(method, path, headers=headers, **kwargs)
+            if attempt and rewind is not None and not rewind():
+                raise NotAuthenticated("the Resource API refused the token, and the streamed input cannot be resent")
+            headers = {**extra_headers, "Authorization": f"Bearer {self._bearer()}"}
+            resp = self._send(method, path, rewind, headers=headers, **kwargs)
             if resp.status_code not in (401, 403):
                 return resp
             resp.close()
@@ -339,9 +365,39 @@ class ResourceApi:
     def get_resource(self, folder: str, filename: str) -> bytes:
         """``POST /resources/get/{folder}``, decrypted with this user's and machine's api_key."""
         with self._call():
-            return self._get_resource(folder, filename)
+            resp, key = self._open_resource(folder, filename)
+            return crypto.decrypt_bytes(_read_capped(resp), key)
 
-    def _get_resource(self, folder: str, filename: str) -> bytes:
+    def fetch_resource(self, folder: str, filename: str, sink: IO[bytes], limit: int) -> bytes:
+        """Stream the still encrypted body of ``POST /resources/get/{folder}`` into ``sink``.
+
+        At most ``limit`` bytes are taken (else ``UpstreamError``). Returns the AES key that
+        decrypts it (this user's and machine's api_key).
+        """
+        with self._call():
+            resp, key = self._open_resource(folder, filename)
+            try:
+                total = 0
+                for chunk in resp.iter_content(1024 * 1024):
+                    total += len(chunk)
+                    if total > limit:
+                        raise UpstreamError(
+                            f"{folder}/{filename} on the Resource API is over resources.api_max_mb",
+                            status=resp.status_code,
+                        )
+                    try:
+                        sink.write(chunk)
+                    except OSError as exc:
+                        raise StorageError(
+                            f"cannot spool {folder}/{filename} in the state dir: {exc.strerror}"
+                        ) from exc
+            except requests.RequestException as exc:
+                raise UpstreamError(f"the Resource API broke off {folder}/{filename} ({type(exc).__name__})") from exc
+            finally:
+                resp.close()
+            return key
+
+    def _open_resource(self, folder: str, filename: str) -> tuple[requests.Response, bytes]:
         creds = self.credentials()
         if creds is None:
             raise NotAuthenticated(
@@ -361,9 +417,7 @@ class ResourceApi:
                 error_code=code,
             )
         self._check(resp, what)
-        data = _read_capped(resp)
-        key = crypto.aes_key(crypto.api_key(creds.email, creds.password, self.hw_hash))
-        return crypto.decrypt_bytes(data, key)
+        return resp, crypto.aes_key(crypto.api_key(creds.email, creds.password, self.hw_hash))
 
     def upload(self, folder: str, filename: str, data: bytes) -> None:
         """``POST /resources/{folder}`` as multipart, field ``data``."""
@@ -371,6 +425,14 @@ class ResourceApi:
         with self._call():
             resp = self._authed("POST", f"/resources/{folder}", files=files)
             self._check(resp, f"upload of {folder}/{filename}")
+            resp.close()
+
+    def upload_stream(self, folder: str, body: StreamBody) -> None:
+        """``POST /resources/{folder}`` with a multipart body that streams (see apifiles)."""
+        headers = {"Content-Type": body.content_type}
+        with self._call():
+            resp = self._authed("POST", f"/resources/{folder}", body.rewind, data=body, headers=headers)
+            self._check(resp, f"upload of {folder}/{body.filename}")
             resp.close()
 
     def key_fragment(self) -> bytes:

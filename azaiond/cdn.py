@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -42,6 +42,9 @@ _TRANSFER_ERRORS = (
 
 log = logging.getLogger(__name__)
 
+#: S3 object metadata (x-amz-meta-...) on a big part: SHA-256 of the small part it belongs to.
+SMALL_SHA256 = "azaion-small-sha256"
+
 _REFUSED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}
 _MISSING = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
 
@@ -72,6 +75,15 @@ class CdnSettings:
                 raise UpstreamError(f"cdn.yaml from the Resource API lacks {key}")
             values[key] = value
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a HEAD tells about an object: its size, ETag and user metadata (keys lower-case)."""
+
+    size: int
+    etag: str
+    metadata: Mapping[str, str]
 
 
 def botocore_config(retries: int, timeout: float = 60.0) -> botocore.config.Config:
@@ -218,15 +230,48 @@ class Cdn:
             raise self._translate(exc, "download", bucket, key) from exc
         return RangeReader(resp["Body"], int(resp.get("ContentLength", -1)), self.endpoint)
 
-    def download_to(self, bucket: str, key: str, path: Path) -> int:
-        """Download to ``path`` atomically (temp file, fsync, rename); returns the size."""
+    def head(self, bucket: str, key: str) -> ObjectInfo:
+        """Size, ETag and metadata of an object, with the read keys."""
+        check_bucket(bucket)
+        check_name(key, "key")
+        try:
+            reply = self._reader.head_object(Bucket=bucket, Key=key)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._translate(exc, "download", bucket, key) from exc
+        metadata = reply.get("Metadata") or {}
+        return ObjectInfo(
+            size=int(reply.get("ContentLength", 0)),
+            etag=str(reply.get("ETag", "")),
+            metadata={str(k).lower(): str(v) for k, v in metadata.items()},
+        )
+
+    def download_to(
+        self, bucket: str, key: str, path: Path, *, expect: Callable[[ObjectInfo], None] | None = None
+    ) -> int:
+        """Download to ``path`` atomically (temp file, fsync, rename); returns the size.
+
+        With ``expect``, the object's HEAD is shown to it before a byte is fetched; it raises
+        to refuse the object (a big part of another version: ``Stale``). The ETag is checked
+        again once the bytes are in, so an object replaced during the transfer is refused too
+        rather than installed under the first one's name.
+        """
+        before = self.head(bucket, key) if expect is not None else None
+        if before is not None and expect is not None:
+            expect(before)
         with atomic_file(path) as handle:
             self.download_into(bucket, key, handle)
             size = handle.tell()
+            if before is not None and expect is not None:
+                after = self.head(bucket, key)
+                if after.etag != before.etag or size != before.size:
+                    expect(after)  # most likely raises Stale for the new version
+                    raise CdnError(f"{bucket}/{key} changed on the CDN during the download; try again")
         log.info("downloaded %s/%s from the CDN (%d bytes)", bucket, key, size)
         return size
 
-    def growing_upload(self, bucket: str, key: str, path: Path) -> GrowingFileUpload:
+    def growing_upload(
+        self, bucket: str, key: str, path: Path, metadata: Mapping[str, str] | None = None
+    ) -> GrowingFileUpload:
         """A multipart upload of ``path`` that sends parts while the file is still being written."""
         check_bucket(bucket)
         check_name(key, "key")
@@ -235,6 +280,7 @@ class Cdn:
             bucket,
             key,
             path,
+            metadata=metadata,
             part_size=self._part_size,
             translate=lambda exc: self._translate(exc, "upload", bucket, key),
         )

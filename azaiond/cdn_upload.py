@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -72,6 +72,7 @@ class GrowingFileUpload:
         key: str,
         path: Path,
         *,
+        metadata: Mapping[str, str] | None = None,
         part_size: int,
         translate: Callable[[Exception], Exception],
         workers: int = 10,  # as many parts in flight as boto3's own transfers
@@ -80,6 +81,9 @@ class GrowingFileUpload:
         self._bucket = bucket
         self._key = key
         self._path = path
+        # S3 user metadata (x-amz-meta-*) set when the object is created, e.g. the small part's
+        # fingerprint on a big part.
+        self._extra: dict[str, object] = {"Metadata": dict(metadata)} if metadata else {}
         self._part_size = max(part_size, MIN_PART)
         self._translate = translate
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cdn-part")
@@ -119,7 +123,9 @@ class GrowingFileUpload:
         try:
             if self._upload_id is None:
                 with FileSlice(self._path, 0, total) as body:
-                    self._client.put_object(Bucket=self._bucket, Key=self._key, Body=body, ContentLength=total)
+                    self._client.put_object(
+                        Bucket=self._bucket, Key=self._key, Body=body, ContentLength=total, **self._extra
+                    )
                 return
             if total > self._sent:
                 self._submit(self._sent, total - self._sent)
@@ -148,7 +154,7 @@ class GrowingFileUpload:
     def _submit(self, start: int, length: int) -> None:
         if self._upload_id is None:
             try:
-                reply = self._client.create_multipart_upload(Bucket=self._bucket, Key=self._key)
+                reply = self._client.create_multipart_upload(Bucket=self._bucket, Key=self._key, **self._extra)
             except Exception as exc:
                 raise self._translate(exc) from exc
             self._upload_id = str(reply["UploadId"])

@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from azaiond.errors import ConfigError
+from azaiond.errors import ConfigError, InvalidName
+from azaiond.names import check_bucket, check_name
 
 DEFAULT_PATH = Path("/etc/azaiond/config.yaml")
 MIB = 1024 * 1024
@@ -65,6 +66,10 @@ class ResourcesConfig:
     key: str | None = field(default=None, repr=False)
     small_part_kb: int = 3
     inline_limit_mb: int = 16
+    cache_max_mb: int = 0  # 0: no limit; else least recently used big parts are evicted past it
+    # (folder, name) of resources whose big parts are fetched into the cache once logged in
+    prefetch: tuple[tuple[str, str], ...] = ()
+    api_max_mb: int = 64  # largest whole-file API resource api_load takes and api_upload buffers
     format: int = 1  # what upload writes when the call does not say: 1 (the seed's) or 2
     # Chunk size of format v2 as a power of two. Publishers write 20 (1 MiB); smaller values
     # exist so tests can cross many chunk boundaries with small resources.
@@ -73,6 +78,14 @@ class ResourcesConfig:
     @property
     def inline_limit_bytes(self) -> int:
         return self.inline_limit_mb * MIB
+
+    @property
+    def cache_max_bytes(self) -> int:
+        return self.cache_max_mb * MIB
+
+    @property
+    def api_max_bytes(self) -> int:
+        return self.api_max_mb * MIB
 
 
 @dataclass(frozen=True)
@@ -207,6 +220,23 @@ def _str_list(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _resource_list(value: Any) -> tuple[tuple[str, str], ...]:
+    """A list of ``{folder, name}`` mappings, each a valid resource name in a valid folder."""
+    if not isinstance(value, list):
+        raise ValueError(value)
+    out: list[tuple[str, str]] = []
+    for item in value:
+        if not isinstance(item, Mapping) or set(item) != {"folder", "name"}:
+            raise ValueError(value)
+        try:
+            folder = check_bucket(check_name(item["folder"], "folder"))
+            name = check_name(item["name"])
+        except InvalidName as exc:
+            raise ValueError(value) from exc
+        out.append((folder, name))
+    return tuple(out)
+
+
 def _level(value: Any) -> str:
     text = _str(value).lower()
     if text not in ("debug", "info", "warning", "error"):
@@ -270,6 +300,13 @@ def parse(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
         inline_limit_mb=r.take(
             "inline_limit_mb", d.resources.inline_limit_mb, _int(0, 1024), "MiB, 0-1024"
         ),
+        cache_max_mb=r.take(
+            "cache_max_mb", d.resources.cache_max_mb, _int(0, 1 << 30), "MiB, 0 (no limit) or more"
+        ),
+        prefetch=r.take(
+            "prefetch", d.resources.prefetch, _resource_list, "a list of {folder, name} with valid names"
+        ),
+        api_max_mb=r.take("api_max_mb", d.resources.api_max_mb, _int(1, 4096), "MiB, 1-4096"),
         format=r.take("format", d.resources.format, _int(1, 2), "1 or 2"),
         v2_chunk_log2=r.take("v2_chunk_log2", d.resources.v2_chunk_log2, _int(12, 24), "an integer 12-24"),
     )

@@ -19,6 +19,7 @@ from typing import IO, Any
 from azaiond import __version__
 from azaiond.account import Account
 from azaiond.apiclient import Credentials
+from azaiond.apifiles import ApiFiles
 from azaiond.config import Config
 from azaiond.errors import InvalidParams, TooLarge
 from azaiond.fdio import CappedBuffer, FdSink, FdSource, HashingSink, require_readable, require_writable
@@ -35,10 +36,21 @@ def _b64(data: bytes | bytearray) -> str:
 
 
 class Handlers:
-    def __init__(self, config: Config, account: Account, resources: SplitResources, unlock: UnlockJob) -> None:
+    def __init__(
+        self,
+        config: Config,
+        account: Account,
+        resources: SplitResources,
+        unlock: UnlockJob,
+        api_files: ApiFiles | None = None,
+    ) -> None:
+        self._config = config
         self._account = account
         self._resources = resources
         self._unlock = unlock
+        self._api_files = api_files or ApiFiles(
+            account.api, config.state_dir, config.resources.api_max_bytes
+        )
         self._inline_limit = config.resources.inline_limit_bytes
         self._stall = config.socket.stall_timeout
 
@@ -56,6 +68,9 @@ class Handlers:
             "cache_dir": str(self._resources.cache_dir),
             "version": __version__,
             "unlock": self._unlock.status(),
+            # Beyond the contract's keys: the cache's size and limit (0: none), as last counted.
+            "cache_bytes": self._resources.cache.total_bytes,
+            "cache_limit_bytes": self._resources.cache.limit_bytes,
         }
 
     def unlock_status(self, call: Call) -> Result:
@@ -69,11 +84,48 @@ class Handlers:
             with FdSink(call.fd, call.cancel, self._stall, call.progress) as sink:
                 result = self._resources.load(name, folder, sink, call.cancel)
             call.facts["bytes"] = result.size
+            self._cache_fact(call, result)
             return _load_result(result)
         buffer = CappedBuffer(self._inline_limit)
         result = self._resources.load(name, folder, buffer, call.cancel)
         call.facts["bytes"] = result.size
+        self._cache_fact(call, result)
         return {**_load_result(result), "data": _b64(buffer.buffer)}
+
+    @staticmethod
+    def _cache_fact(call: Call, result: LoadResult) -> None:
+        if result.cache_hit is not None:
+            call.facts["cache"] = "hit" if result.cache_hit else "miss"
+
+    def prefetch(self, call: Call) -> Result:
+        name, folder = call.params["name"], call.params["folder"]
+        call.facts["resource"] = f"{folder}/{name}"
+        size = self._resources.prefetch(name, folder)
+        return {"big_size": size, "cached": True}
+
+    def cache_list(self, call: Call) -> Result:
+        cache = self._resources.cache
+        entries = cache.entries()
+        return {
+            "entries": [e.as_dict() for e in entries],
+            "total_bytes": sum(e.size for e in entries),
+            "limit_bytes": cache.limit_bytes,
+        }
+
+    def api_load(self, call: Call) -> Result:
+        name, folder = call.params["name"], call.params["folder"]
+        call.facts["resource"] = f"{folder}/{name}"
+        result: LoadResult
+        if call.fd is not None:
+            require_writable(call.fd, "api_load")
+            with FdSink(call.fd, call.cancel, self._stall, call.progress) as sink:
+                result = self._api_files.load(name, folder, sink, call.cancel)
+            call.facts["bytes"] = result.size
+            return {"size": result.size, "sha256": result.sha256}
+        buffer = CappedBuffer(self._inline_limit)
+        result = self._api_files.load(name, folder, buffer, call.cancel)
+        call.facts["bytes"] = result.size
+        return {"size": result.size, "sha256": result.sha256, "data": _b64(buffer.buffer)}
 
     # -- admin ---------------------------------------------------------------------------
 
@@ -134,6 +186,33 @@ class Handlers:
             "big_size": result.big_size,
             "format": result.format,
         }
+
+    def cache_drop(self, call: Call) -> Result:
+        folder, name = call.params.get("folder"), call.params.get("name")
+        if name is not None and folder is None:
+            raise InvalidParams("cache_drop: a name needs its folder")
+        if folder is not None:
+            check_name(folder, "folder")
+        if name is not None:
+            check_name(name)
+        dropped, freed = self._resources.cache.drop_many(folder, name)
+        return {"dropped": dropped, "freed_bytes": freed}
+
+    def api_upload(self, call: Call) -> Result:
+        name = check_name(call.params["name"], "file name")
+        folder = check_name(call.params["folder"], "folder")
+        size = call.params.get("size")
+        call.facts["resource"] = f"{folder}/{name}"
+        if call.fd is not None and call.params.get("data") is None:
+            # Raw and unbuffered, so a regular file can be rewound for a retry.
+            require_readable(call.fd, "api_upload")
+            raw = FdSource(call.fd, call.cancel, self._stall, call.progress)
+            stored = self._api_files.upload(name, folder, raw, size=size, fd=call.fd, cancel=call.cancel)
+        else:
+            with self._input(call, "api_upload") as source:
+                stored = self._api_files.upload(name, folder, source, size=size, cancel=call.cancel)
+        call.facts["bytes"] = stored
+        return {"size": stored}
 
     def cdn_upload(self, call: Call) -> Result:
         bucket = check_bucket(call.params["bucket"])

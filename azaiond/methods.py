@@ -37,6 +37,26 @@ def method_table(h: Handlers) -> MethodTable:
             (Param("bucket", str), Param("key", str), Param("data", str, required=False), SIZE),
         ),
         MethodSpec("cdn_download", h.cdn_download, ADMIN, (Param("bucket", str), Param("key", str))),
+        MethodSpec("prefetch", h.prefetch, OPEN, (Param("name", str), Param("folder", str))),
+        MethodSpec("cache_list", h.cache_list, OPEN),
+        MethodSpec(
+            "cache_drop",
+            h.cache_drop,
+            ADMIN,
+            (Param("folder", str, required=False), Param("name", str, required=False)),
+        ),
+        MethodSpec("api_load", h.api_load, OPEN, (Param("name", str), Param("folder", str))),
+        MethodSpec(
+            "api_upload",
+            h.api_upload,
+            ADMIN,
+            (
+                Param("name", str),
+                Param("folder", str),
+                Param("data", str, required=False),
+                SIZE,
+            ),
+        ),
         MethodSpec(
             "unlock",
             h.unlock,

@@ -10,6 +10,11 @@ plaintext byte is written, a load vets the padding from the last two cipher bloc
 truncated or tail-tampered cached part is dropped and fetched again from the CDN once. Loads
 that miss the same big part share one download (single flight).
 
+The padding says nothing about which version of the resource a big part belongs to, so each
+big part is bound to its small part by the small part's SHA-256: beside cache entries
+(azaiond.cache) and as the CDN object's metadata. A cached entry of another version is never
+served; a CDN object of another version answers ``stale``.
+
 v1 has no MAC: tampering that keeps the padding valid yields wrong bytes, undetected. See
 docs/security.md. Format v2 (azaiond/splitv2.py) is authenticated; a load tells the two apart by
 the small part, an upload writes the one the call or ``resources.format`` asks for.
@@ -18,8 +23,11 @@ the small part, an upload writes the one the call or ``resources.format`` asks f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,9 +36,10 @@ from typing import IO, Protocol
 
 from azaiond import crypto
 from azaiond.apiclient import ResourceApi
-from azaiond.cdn import Cdn
-from azaiond.errors import Cancelled, IntegrityError, InvalidParams, NotAuthenticated
-from azaiond.fsutil import atomic_file, private_dir
+from azaiond.cache import BigPartCache
+from azaiond.cdn import SMALL_SHA256, Cdn, ObjectInfo
+from azaiond.errors import Cancelled, IntegrityError, InvalidParams, NotAuthenticated, Stale, StorageError
+from azaiond.fsutil import atomic_file
 from azaiond.generations import Generations
 from azaiond.names import check_bucket, check_name
 from azaiond.sealed import CHUNK_LOG2
@@ -56,6 +65,7 @@ class LoadResult:
     sha256: str
     format: int = 1
     generation: int | None = None  # v2 only
+    cache_hit: bool | None = None  # v1 split resources: the big part came from the cache
 
 
 @dataclass(frozen=True)
@@ -70,12 +80,32 @@ def small_size(ciphertext_len: int, small_part_kb: int) -> int:
     return min(small_part_kb * 1024, ciphertext_len * 3 // 10)
 
 
+def small_fingerprint(small: bytes) -> str:
+    """The binding between the two parts: lower-case hex SHA-256 of the small part as the API
+    returns it (decrypted), kept beside cache entries and as the big part's S3 metadata."""
+    return hashlib.sha256(small).hexdigest()
+
+
+def check_binding(info: ObjectInfo, fingerprint: str, where: str) -> None:
+    """Refuse a big part whose metadata names another small part (``Stale``).
+
+    A big part without the metadata (uploaded before the binding existed, or by other tools)
+    is taken as it is; the padding check and the cache binding still apply.
+    """
+    claimed = info.metadata.get(SMALL_SHA256)
+    if claimed is not None and claimed.strip().lower() != fingerprint:
+        raise Stale(
+            f"{where}: the CDN holds another version of the big part than the Resource API's small part"
+            " (a publish in progress, or a broken publish)"
+        )
+
+
 class SplitResources:
     def __init__(
         self,
         api: ResourceApi,
         cdn: Callable[[], Cdn],
-        cache_dir: Path,
+        cache: BigPartCache | Path,
         resource_key: Callable[[], str | None],
         small_part_kb: int = 3,
         *,
@@ -85,13 +115,12 @@ class SplitResources:
     ) -> None:
         self._api = api
         self._cdn = cdn
-        self.cache_dir = cache_dir
+        self.cache = cache if isinstance(cache, BigPartCache) else BigPartCache(cache)
+        self.cache_dir = self.cache.root
         self._resource_key = resource_key
         self._small_part_kb = small_part_kb
-        self._flights: dict[Path, threading.Lock] = {}
-        self._flights_guard = threading.Lock()
         self._format = upload_format
-        generations = generations or Generations(cache_dir.parent / "generations.json")
+        generations = generations or Generations(self.cache_dir.parent / "generations.json")
         self.v2 = SplitV2(api, cdn, self, generations, chunk_log2)
 
     def _key(self) -> bytes:
@@ -101,105 +130,161 @@ class SplitResources:
         return crypto.aes_key(secret)
 
     def cache_path(self, name: str, folder: str) -> Path:
-        return self.cache_dir / folder / f"{name}.big"
+        return self.cache.path(folder, name)
 
-    # The v2 path's view of the cache (splitv2.CacheAccess).
+    @staticmethod
+    def _check(name: str, folder: str) -> None:
+        check_name(name)
+        check_name(folder, "folder")
+        check_bucket(folder)
+
+    # -- the big part --------------------------------------------------------------------
+
+    def fetch_big_part(self, folder: str, name: str, fingerprint: str, dest: Path) -> None:
+        """Put the complete big part from the CDN at ``dest``, refusing another version.
+
+        The one place a big part is fetched: whatever does the transfer must show the object's
+        HEAD (metadata) to ``check_binding`` before writing anything, and leave ``dest`` whole
+        or absent.
+        """
+        where = f"{folder}/{name}"
+
+        def expect(info: ObjectInfo) -> None:
+            check_binding(info, fingerprint, where)
+            self.cache.evict(room=info.size)  # make room first: the disk may be small
+
+        self._cdn().download_to(folder, f"{name}.big", dest, expect=expect)
+
+    def _open_big(
+        self, name: str, folder: str, fingerprint: str, bad: os.stat_result | None = None
+    ) -> tuple[IO[bytes], bool]:
+        """The big part bound to ``fingerprint``, opened; True if fetched from the CDN now.
+
+        Loads that miss the same entry share one download (single flight). ``bad`` is an entry
+        that failed verification: it is replaced unless a peer has replaced it already.
+        """
+        with self.cache.flight(folder, name):
+            handle = self.cache.open_valid(folder, name, fingerprint)
+            if handle is not None:
+                st = os.fstat(handle.fileno())
+                if bad is None or (st.st_dev, st.st_ino) != (bad.st_dev, bad.st_ino):
+                    self.cache.hits += 1
+                    return handle, False
+                handle.close()
+            self.cache.fill(
+                folder, name, fingerprint, lambda dest: self.fetch_big_part(folder, name, fingerprint, dest)
+            )
+            self.cache.misses += 1
+            handle = self.cache.open_valid(folder, name, fingerprint)
+            if handle is None:
+                raise StorageError(f"the cache entry {self.cache.path(folder, name)} vanished as it was written")
+            return handle, True
+
+    # The big-part cache as other formats' loaders use it: by small part, binding included.
+    # Run such a load inside ``self.cache.pinned(folder, name)`` so its entry is not evicted.
     def open_big(self, name: str, folder: str, small: bytes) -> tuple[IO[bytes], bool]:
-        path = self.cache_path(name, folder)
-        fetched = self._ensure_cached(name, folder, path, refetch=False)
-        try:
-            return open(path, "rb", buffering=0), fetched
-        except FileNotFoundError:  # a concurrent load dropped a bad entry in between: fetch it
-            self._ensure_cached(name, folder, path, refetch=False)
-            return open(path, "rb", buffering=0), True
+        """The cached big part bound to ``small``, opened (fetched first if missing or stale)."""
+        return self._open_big(name, folder, small_fingerprint(small))
 
     def drop_big(self, name: str, folder: str) -> None:
-        self._drop(self.cache_path(name, folder))
+        self._drop(name, folder)
 
-    def _flight(self, path: Path) -> threading.Lock:
-        with self._flights_guard:
-            return self._flights.setdefault(path, threading.Lock())
+    def staged_big(self, name: str, folder: str) -> Path:
+        return self.cache.staging(folder, name).with_name(f".{name}.big.up-{secrets.token_hex(4)}.tmp")
+
+    def install_big(self, name: str, folder: str, small: bytes, staged: Path) -> None:
+        with self.cache.flight(folder, name):
+            self.cache.install(folder, name, small_fingerprint(small), staged)
+
+    def _drop(self, name: str, folder: str) -> None:
+        with self.cache.flight(folder, name):
+            self.cache.drop(folder, name)
 
     # -- load ----------------------------------------------------------------------------
 
     def load(self, name: str, folder: str, sink: crypto.Sink, cancel: threading.Event | None = None) -> LoadResult:
-        check_name(name)
-        check_name(folder, "folder")
-        check_bucket(folder)
+        self._check(name, folder)
         key = self._key()
         small = self._api.get_resource(folder, f"{name}.small")
         if is_v2_small(small):
-            v2 = self.v2.load(name, folder, small, key, sink=sink, cancel=cancel)
+            with self.cache.pinned(folder, name):  # v2 reads its entry through open_big
+                v2 = self.v2.load(name, folder, small, key, sink=sink, cancel=cancel)
             return LoadResult(v2.size, v2.sha256, 2, v2.generation)
-        path = self.cache_path(name, folder)
-        fetched = self._ensure_cached(name, folder, path, refetch=False)
-        try:
-            self._vet(small, path, key)
-        except IntegrityError:
-            if fetched:  # straight from the CDN and still bad: keep nobody from trusting it
-                self._drop(path)
-                raise
-            log.warning("cached big part %s fails verification; fetching it again from the CDN", path)
-            self._ensure_cached(name, folder, path, refetch=True)
+        fingerprint = small_fingerprint(small)
+        with self.cache.pinned(folder, name):
+            big, fetched = self._open_big(name, folder, fingerprint)
             try:
-                self._vet(small, path, key)
-            except IntegrityError:
-                self._drop(path)
-                raise
-        try:
-            return self._decrypt(small, path, key, sink, cancel)
-        except IntegrityError:
-            # The tail was vetted, so this means the file changed under us; never trust it again.
-            self._drop(path)
-            raise
+                try:
+                    self._vet(small, big, key)
+                except IntegrityError:
+                    if fetched:  # straight from the CDN and still bad: keep nobody from trusting it
+                        self._drop(name, folder)
+                        raise
+                    log.warning("cached big part of %s/%s fails verification; fetching it again", folder, name)
+                    bad = os.fstat(big.fileno())
+                    big.close()
+                    big, fetched = self._open_big(name, folder, fingerprint, bad)
+                    try:
+                        self._vet(small, big, key)
+                    except IntegrityError:
+                        self._drop(name, folder)
+                        raise
+                try:
+                    result = self._decrypt(small, big, key, sink, cancel)
+                    return dataclasses.replace(result, cache_hit=not fetched)
+                except IntegrityError:
+                    # The tail was vetted, so the file changed under us; never trust it again.
+                    self._drop(name, folder)
+                    raise
+            finally:
+                big.close()
 
-    def _ensure_cached(self, name: str, folder: str, path: Path, *, refetch: bool) -> bool:
-        """Make sure ``path`` holds the big part; True if this call (or a peer's) fetched it now."""
-        with self._flight(path):
-            if refetch:
-                self._drop(path)
-            elif path.exists():
-                return False
-            private_dir(path.parent)
-            self._cdn().download_to(folder, f"{name}.big", path)
-            return True
+    def prefetch(self, name: str, folder: str) -> int:
+        """Make sure the cache holds the big part bound to the current small part; its size.
 
-    def _drop(self, path: Path) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        Nothing is decrypted: the small part only tells which version of the big part to keep.
+        """
+        self._check(name, folder)
+        small = self._api.get_resource(folder, f"{name}.small")
+        fingerprint = small_fingerprint(small)
+        with self.cache.pinned(folder, name):
+            big, _ = self._open_big(name, folder, fingerprint)
+            with big:
+                return os.fstat(big.fileno()).st_size
 
     @staticmethod
-    def _vet(small: bytes, path: Path, key: bytes) -> None:
+    def _vet(small: bytes, big: IO[bytes], key: bytes) -> None:
         """Check length and padding of ``small || big`` from its last two blocks alone."""
-        with open(path, "rb") as big:
-            big_len = os.fstat(big.fileno()).st_size
-            total = len(small) + big_len
-            if total < crypto.IV_SIZE + crypto.BLOCK or total % crypto.BLOCK:
-                raise IntegrityError("decryption failed")
-            take = min(big_len, 2 * crypto.BLOCK)
-            big.seek(big_len - take)
-            tail = big.read(take)
+        big_len = os.fstat(big.fileno()).st_size
+        total = len(small) + big_len
+        if total < crypto.IV_SIZE + crypto.BLOCK or total % crypto.BLOCK:
+            raise IntegrityError("decryption failed")
+        take = min(big_len, 2 * crypto.BLOCK)
+        tail = os.pread(big.fileno(), take, big_len - take)
         crypto.check_tail((small + tail)[-2 * crypto.BLOCK :] if take < 2 * crypto.BLOCK else tail, key)
 
     @staticmethod
     def _decrypt(
-        small: bytes, path: Path, key: bytes, sink: crypto.Sink, cancel: threading.Event | None
+        small: bytes, big: IO[bytes], key: bytes, sink: crypto.Sink, cancel: threading.Event | None
     ) -> LoadResult:
-        with open(path, "rb", buffering=0) as big:
-            pending = memoryview(small)
+        pending = memoryview(small)
+        fd = big.fileno()
+        offset = 0
 
-            def read(buf: memoryview) -> int:
-                nonlocal pending
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("the daemon is shutting down; the load was stopped")
-                if pending:
-                    n = min(len(pending), len(buf))
-                    buf[:n] = pending[:n]
-                    pending = pending[n:]
-                    return n
-                return big.readinto(buf) or 0
+        def read(buf: memoryview) -> int:
+            nonlocal pending, offset
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("the load was stopped before it finished")
+            if pending:
+                n = min(len(pending), len(buf))
+                buf[:n] = pending[:n]
+                pending = pending[n:]
+                return n
+            n = os.preadv(fd, [buf], offset)
+            offset += n
+            return n
 
-            size, digest = crypto.decrypt_chunks(read, sink, key)
+        size, digest = crypto.decrypt_chunks(read, sink, key)
         return LoadResult(size, digest)
 
     # -- upload --------------------------------------------------------------------------
@@ -215,9 +300,7 @@ class SplitResources:
         size: int | None = None,
     ) -> UploadResult:
         """Upload ``source`` in ``format`` (default ``resources.format``); ``size`` if known (v2)."""
-        check_name(name)
-        check_name(folder, "folder")
-        check_bucket(folder)
+        self._check(name, folder)
         fmt = self._format if format is None else format
         if fmt not in FORMATS:
             raise InvalidParams(f"upload: format must be 1 or 2, not {fmt}")
@@ -230,38 +313,52 @@ class SplitResources:
         # the full small size, so only this much plaintext is read ahead to decide it.
         head = _read_up_to(source, limit * 4)
         enc = crypto.StreamEncryptor(key)
-        path = self.cache_path(name, folder)
         size = len(head)
+        whole = len(head) < limit * 4  # the whole resource was read: compute the exact split
+        ct_head = bytes(enc.update(head))
+        if whole:
+            ct_head += enc.finalize()
+            cut = small_size(len(ct_head), self._small_part_kb)
+        else:
+            cut = limit
+        small = ct_head[:cut]
+        fingerprint = small_fingerprint(small)
         cdn = self._cdn()  # fails before any work when the CDN cannot be had
+        staged = self.staged_big(name, folder)
         # The big part is written to a temp file that becomes the cache entry, and each part of
-        # it goes to the CDN as soon as it is written. The temp file is renamed into the cache
-        # only once both parts are stored upstream, so a failed upload leaves no cache entry.
-        with atomic_file(path) as big, cdn.growing_upload(folder, f"{name}.big", Path(big.name)) as cdn_part:
-            ct_head = bytes(enc.update(head))
-            if len(head) < limit * 4:  # the whole resource was read: compute the exact split
-                ct_head += enc.finalize()
-                cut = small_size(len(ct_head), self._small_part_kb)
+        # it goes to the CDN (tagged with the small part's fingerprint) as soon as it is written.
+        # The temp file is installed in the cache only once both parts are stored upstream, so a
+        # failed upload leaves no cache entry.
+        metadata = {SMALL_SHA256: fingerprint}
+        try:
+            with (
+                atomic_file(staged) as big,
+                cdn.growing_upload(folder, f"{name}.big", Path(big.name), metadata) as part,
+            ):
                 big.write(ct_head[cut:])
-                small = ct_head[:cut]
-            else:
-                cut = limit
-                small = ct_head[:cut]
-                big.write(ct_head[cut:])
-                buf = bytearray(crypto.CHUNK)
-                view = memoryview(buf)
-                while True:
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled("the daemon is shutting down; the upload was stopped")
-                    n = source.readinto(view)
-                    if not n:
-                        break
-                    size += n
-                    big.write(enc.update(view[:n]))
-                    cdn_part.advance(big)
-                big.write(enc.finalize())
-            cdn_part.finish(big)
-            big_size = big.tell()
-            self._api.upload(folder, f"{name}.small", small)
+                if not whole:
+                    buf = bytearray(crypto.CHUNK)
+                    view = memoryview(buf)
+                    while True:
+                        if cancel is not None and cancel.is_set():
+                            raise Cancelled("the upload was stopped before it finished; nothing was committed")
+                        n = source.readinto(view)
+                        if not n:
+                            break
+                        size += n
+                        big.write(enc.update(view[:n]))
+                        part.advance(big)
+                    big.write(enc.finalize())
+                part.finish(big)
+                big_size = big.tell()
+                self._api.upload(folder, f"{name}.small", small)
+            with self.cache.flight(folder, name):
+                self.cache.install(folder, name, fingerprint, staged)
+        finally:
+            # Mostly gone already (installed or removed by atomic_file); on a failed disk the
+            # start-up sweep removes what is left.
+            with contextlib.suppress(OSError):
+                staged.unlink()
         log.info("uploaded %s/%s: %d bytes (small %d, big %d)", folder, name, size, len(small), big_size)
         return UploadResult(size=size, small_size=len(small), big_size=big_size)
 

@@ -16,6 +16,8 @@ The big part is read through ``sealed.Source`` (``readinto`` from an offset), wh
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import threading
@@ -27,7 +29,7 @@ from typing import IO, Protocol, cast
 
 from azaiond import sealed
 from azaiond.apiclient import ResourceApi
-from azaiond.cdn import Cdn
+from azaiond.cdn import SMALL_SHA256, Cdn
 from azaiond.crypto import BackgroundHash, Sink
 from azaiond.errors import IntegrityError, InvalidParams, NotFound, Rollback
 from azaiond.fsutil import atomic_file
@@ -47,6 +49,14 @@ class CacheAccess(Protocol):
         ...
 
     def drop_big(self, name: str, folder: str) -> None: ...
+
+    def staged_big(self, name: str, folder: str) -> Path:
+        """A private temp path beside the entry for a big part being written."""
+        ...
+
+    def install_big(self, name: str, folder: str, small: bytes, staged: Path) -> None:
+        """Make the complete big part at ``staged`` the entry, bound to ``small``."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -186,7 +196,7 @@ class SplitV2:
         cancel: threading.Event | None,
     ) -> V2Upload:
         generation = self.next_generation(name, folder, root)
-        path = self._cache.cache_path(name, folder)
+        path = self._cache.staged_big(name, folder)
         cdn = self._cdn()  # fails before any work when the CDN cannot be had
         spool: sealed.Spool | None = None
         try:
@@ -196,7 +206,13 @@ class SplitV2:
                 size = spool.fill(source, cancel=cancel)
                 source = spool
             header = sealed.make_header(sealed.MAGIC_SPLIT, root, generation, size, chunk_log2=self._chunk_log2)
-            with atomic_file(path) as big, cdn.growing_upload(folder, f"{name}.big", Path(big.name)) as part:
+            # v2 carries its own binding; the small part's fingerprint on the CDN object and
+            # beside the cache entry is what every big part gets, and harmless here.
+            metadata = {SMALL_SHA256: hashlib.sha256(header.raw).hexdigest()}
+            with (
+                atomic_file(path) as big,
+                cdn.growing_upload(folder, f"{name}.big", Path(big.name), metadata) as part,
+            ):
                 try:
                     sealed.seal_stream(header, source, big, cancel, on_chunk=lambda: part.advance(big))
                 except ValueError as exc:
@@ -204,9 +220,12 @@ class SplitV2:
                 part.finish(big)
                 big_size = big.tell()
                 self._api.upload(folder, f"{name}.small", header.raw)
+            self._cache.install_big(name, folder, header.raw, path)
         finally:
             if spool is not None:
                 spool.close()
+            with contextlib.suppress(OSError):  # a failed disk: the start-up sweep removes it
+                path.unlink()
         self.generations.record(folder, name, generation)
         log.info("uploaded %s/%s (v2, generation %d): %d bytes, big %d", folder, name, generation, size, big_size)
         return V2Upload(size, len(header.raw), big_size, generation)

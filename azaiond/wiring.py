@@ -22,6 +22,8 @@ import requests
 from azaiond import credentials, hardware, transport
 from azaiond.account import Account
 from azaiond.apiclient import Credentials, ResourceApi
+from azaiond.apifiles import ApiFiles
+from azaiond.cache import BigPartCache
 from azaiond.cdn import Cdn, CdnSettings
 from azaiond.config import Config, SocketConfig
 from azaiond.errors import AzaionError, StorageError
@@ -31,6 +33,7 @@ from azaiond.handlers import Handlers
 from azaiond.images import DockerImages
 from azaiond.methods import method_table
 from azaiond.notify import Notifier
+from azaiond.prefetch import Prefetcher
 from azaiond.resources import SplitResources
 from azaiond.rpc.calllog import CallLog
 from azaiond.rpc.dispatch import Dispatcher, Limits
@@ -72,6 +75,7 @@ class Services:
     table: MethodTable
     session: requests.Session
     login_credentials: Callable[[], Credentials | None]
+    prefetcher: Prefetcher | None = None
 
     def start(self) -> None:
         """Background work once calls are served: log in with the 'login' credential, if any.
@@ -95,6 +99,8 @@ class Services:
 
     def close(self) -> None:
         """Stop background work and release clients; called once on shutdown."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         self.unlock.close()
         self.session.close()
 
@@ -175,10 +181,11 @@ def build_services(
         )
 
     account = Account(api, make_cdn, journal)
+    cache = BigPartCache(config.cache_dir, config.resources.cache_max_bytes)
     resources = SplitResources(
         api,
         account.cdn,
-        config.cache_dir,
+        cache,
         overrides.resource_key or (lambda: credentials.resource_key(config.resources.key)),
         small_part_kb=config.resources.small_part_kb,
         generations=Generations(config.generations_path),
@@ -187,7 +194,10 @@ def build_services(
     )
     images = DockerImages(config.docker.base_url, config.docker.timeout)
     unlock = UnlockJob(config, account, images, status_line=status_line or (lambda _line: None))
-    handlers = Handlers(config, account, resources, unlock)
+    prefetcher = Prefetcher(resources, config.resources.prefetch)
+    account.on_login.append(prefetcher.kick)
+    api_files = ApiFiles(api, config.state_dir, config.resources.api_max_bytes)
+    handlers = Handlers(config, account, resources, unlock, api_files)
     return Services(
         config=config,
         account=account,
@@ -198,6 +208,7 @@ def build_services(
         table=method_table(handlers),
         session=session,
         login_credentials=login_credentials,
+        prefetcher=prefetcher,
     )
 
 

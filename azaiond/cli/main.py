@@ -22,7 +22,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from azaiond import __version__, seal
-from azaiond.cli import exitcodes
+from azaiond.cli import cachecmds, exitcodes
 from azaiond.cli.files import OutputFile
 from azaiond.cli.progress import Progress, Sample
 from azaiond.client import Client, DaemonUnavailable, ProtocolError, RpcError
@@ -182,7 +182,9 @@ def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
         f"version:       {result.get('version')}",
         f"authenticated: {'yes' if result.get('authenticated') else 'no'}",
         f"user:          {_user_text(result.get('user'))}",
-        f"cache:         {result.get('cache_dir')}",
+        f"cache:         {result.get('cache_dir')}"
+        + (f" ({cachecmds.cache_text(result['cache_bytes'], result.get('cache_limit_bytes'))})"
+           if "cache_bytes" in result else ""),
         f"unlock:        {_unlock_text(result.get('unlock'))}",
     ]
     ctx.show(result, "\n".join(lines))
@@ -367,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Publisher side: needs no daemon. main() hands its arguments to azaiond.seal before parsing,
     # so this entry only lists it in --help.
     add("seal-images", cmd_seal_images, "seal a docker save tar or images into images.enc (no daemon)")
+    cachecmds.register(add, common, _download, _upload)
     return parser
 
 
