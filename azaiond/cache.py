@@ -178,6 +178,7 @@ class BigPartCache:
             with contextlib.suppress(FileNotFoundError):
                 side.unlink()  # from here on the old entry counts as stale
             size = staged.stat().st_size
+            private_dir(path.parent)  # a download may be staged outside the cache (partial files)
             os.replace(staged, path)
             fsync_dir(path.parent)
             atomic_write(side, json.dumps({"small_sha256": fingerprint, "big_size": size}).encode())

@@ -2,12 +2,14 @@
 
 The read keys serve downloads and the write keys serve uploads, never the other way round
 (docs/formats.md, split resources). Transfers stream: uploads go through boto3's multipart transfer from a file
-object, downloads land in a temp file that is fsynced and renamed into place, so a crash never
-leaves a half entry that a later load would trust. botocore's exceptions are translated here.
+object; a big part is fetched with ``head`` and ranged ``get_range`` calls (fetch.py writes them
+into a partial file that the cache takes over once complete), each range checked to be the
+bytes of the same object version. botocore's exceptions are translated here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from collections.abc import Callable, Mapping
@@ -26,7 +28,6 @@ from boto3.s3.transfer import TransferConfig
 
 from azaiond.cdn_upload import GrowingFileUpload
 from azaiond.errors import AzaionError, CdnError, NotFound, UpstreamError
-from azaiond.fsutil import atomic_file
 from azaiond.names import check_bucket, check_name
 from azaiond.transport import BotoSender
 
@@ -84,6 +85,34 @@ class ObjectInfo:
     size: int
     etag: str
     metadata: Mapping[str, str]
+
+
+class RangeInterrupted(CdnError):
+    """A ranged GET broke off (connection cut, short body, timeout): worth retrying from where it got."""
+
+
+class ObjectChanged(CdnError):
+    """The object is no longer the version a download started on (ETag or size changed)."""
+
+
+class RangeBody:
+    """The streaming body of one ranged GET; read errors come out as ``RangeInterrupted``."""
+
+    def __init__(self, body: Any, total: str, where: str) -> None:
+        self._body = body
+        self.total = total  # the object size the store reported, as text
+        self._where = where
+
+    def read(self, size: int) -> bytes:
+        try:
+            data: bytes = self._body.read(size)
+        except (botocore.exceptions.BotoCoreError, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise RangeInterrupted(f"the CDN broke off the download of {self._where}") from exc
+        return data
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._body.close()
 
 
 def botocore_config(retries: int, timeout: float = 60.0) -> botocore.config.Config:
@@ -208,6 +237,39 @@ class Cdn:
         # Broken-off transfers, timeouts and deadlines, after botocore's and s3transfer's retries.
         return CdnError(f"the CDN failed the {action} of {where} ({type(exc).__name__})")
 
+    def get_range(self, bucket: str, key: str, start: int, end: int, etag: str) -> RangeBody:
+        """Open bytes ``[start, end)`` of an object that must still carry ``etag``.
+
+        The body is checked to be the range asked for, of the same object (Content-Range and
+        ETag): a store that ignores the range or serves another version is refused here, so a
+        caller never writes bytes of the wrong object at the wrong place. Reading the body can
+        still fail mid-way; ``RangeBody.read`` raises ``RangeInterrupted`` then.
+        """
+        where = f"{bucket}/{key}"
+        kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key, "Range": f"bytes={start}-{end - 1}"}
+        if etag:
+            kwargs["IfMatch"] = etag
+        try:
+            resp = self._reader.get_object(**kwargs)
+        except botocore.exceptions.ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412"):
+                raise ObjectChanged(f"{where} changed on the CDN during the download") from exc
+            raise self._translate(exc, "download", bucket, key) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise RangeInterrupted(f"the CDN broke off the download of {where}") from exc
+        body = resp["Body"]
+        served = resp.get("ContentRange") or ""
+        total = served.rpartition("/")[2]
+        if served != f"bytes {start}-{end - 1}/{total}":
+            body.close()
+            raise CdnError(f"the CDN answered a range of {where} with other bytes ({served or 'the whole object'})")
+        got_etag = str(resp.get("ETag") or "")
+        if etag and got_etag and got_etag != etag:
+            body.close()
+            raise ObjectChanged(f"{where} changed on the CDN during the download")
+        return RangeBody(body, total, where)
+
     def download_into(self, bucket: str, key: str, sink: IO[bytes] | io.RawIOBase) -> int:
         """Stream an object into a writable binary file object; returns its size."""
         check_bucket(bucket)
@@ -244,30 +306,6 @@ class Cdn:
             etag=str(reply.get("ETag", "")),
             metadata={str(k).lower(): str(v) for k, v in metadata.items()},
         )
-
-    def download_to(
-        self, bucket: str, key: str, path: Path, *, expect: Callable[[ObjectInfo], None] | None = None
-    ) -> int:
-        """Download to ``path`` atomically (temp file, fsync, rename); returns the size.
-
-        With ``expect``, the object's HEAD is shown to it before a byte is fetched; it raises
-        to refuse the object (a big part of another version: ``Stale``). The ETag is checked
-        again once the bytes are in, so an object replaced during the transfer is refused too
-        rather than installed under the first one's name.
-        """
-        before = self.head(bucket, key) if expect is not None else None
-        if before is not None and expect is not None:
-            expect(before)
-        with atomic_file(path) as handle:
-            self.download_into(bucket, key, handle)
-            size = handle.tell()
-            if before is not None and expect is not None:
-                after = self.head(bucket, key)
-                if after.etag != before.etag or size != before.size:
-                    expect(after)  # most likely raises Stale for the new version
-                    raise CdnError(f"{bucket}/{key} changed on the CDN during the download; try again")
-        log.info("downloaded %s/%s from the CDN (%d bytes)", bucket, key, size)
-        return size
 
     def growing_upload(
         self, bucket: str, key: str, path: Path, metadata: Mapping[str, str] | None = None

@@ -95,6 +95,13 @@ class CdnConfig:
     multipart_chunk_mb: int = 8  # boto3's own default part size
     timeout: float = 60.0  # seconds per socket operation (connect, each read)
     deadline: float = 300.0  # seconds for one HTTP request to the CDN (a part, a range, a small object)
+    range_mb: int = 8  # a cold load fetches the big part in ranges of this size...
+    parallel: int = 4  # ...this many at a time
+    partial_max_age_h: float = 24.0  # older partial downloads are removed at start
+
+    @property
+    def range_bytes(self) -> int:
+        return self.range_mb * MIB
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,10 @@ class Config:
     @property
     def cache_dir(self) -> Path:
         return self.state_dir / "cache"
+
+    @property
+    def partial_dir(self) -> Path:
+        return self.state_dir / "partial"
 
     @property
     def token_path(self) -> Path:
@@ -321,6 +332,11 @@ def parse(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
         ),
         timeout=r.take("timeout", d.cdn.timeout, _float(0.1, 3600), "seconds, 0.1-3600"),
         deadline=r.take("deadline", d.cdn.deadline, _float(0.1, 86400), "seconds, 0.1-86400"),
+        range_mb=r.take("range_mb", d.cdn.range_mb, _int(1, 1024), "MiB, 1-1024"),
+        parallel=r.take("parallel", d.cdn.parallel, _int(1, 32), "an integer 1-32"),
+        partial_max_age_h=r.take(
+            "partial_max_age_h", d.cdn.partial_max_age_h, _float(0, 87600), "hours, 0-87600"
+        ),
     )
     r.done()
 

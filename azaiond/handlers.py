@@ -13,7 +13,7 @@ import binascii
 import io
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 from azaiond import __version__
@@ -81,8 +81,9 @@ class Handlers:
         call.facts["resource"] = f"{folder}/{name}"
         if call.fd is not None:
             require_writable(call.fd, "load")
-            with FdSink(call.fd, call.cancel, self._stall, call.progress) as sink:
-                result = self._resources.load(name, folder, sink, call.cancel)
+            phases = LoadProgress(call.progress)
+            with FdSink(call.fd, call.cancel, self._stall, phases.written) as sink:
+                result = self._resources.load(name, folder, sink, call.cancel, phases.fetched)
             call.facts["bytes"] = result.size
             self._cache_fact(call, result)
             return _load_result(result)
@@ -100,7 +101,7 @@ class Handlers:
     def prefetch(self, call: Call) -> Result:
         name, folder = call.params["name"], call.params["folder"]
         call.facts["resource"] = f"{folder}/{name}"
-        size = self._resources.prefetch(name, folder)
+        size = self._resources.prefetch(name, folder, call.cancel)
         return {"big_size": size, "cached": True}
 
     def cache_list(self, call: Call) -> Result:
@@ -323,3 +324,25 @@ class _SizedReader(io.RawIOBase):
                 f"{self._method}: the input ended after {self._count} of the {self._size} bytes size says"
             )
         return n
+
+
+class LoadProgress:
+    """One rising progress count for a ``load``: the CDN phase when there is one, else bytes out.
+
+    A big part missing from the cache reports (bytes of it on the disk, its size) from before
+    the first plaintext byte until it is complete; the caller then hears nothing of the bytes
+    written, whose count would start over below it. A cached big part reports (bytes written,
+    None), as every other byte-moving call does.
+    """
+
+    def __init__(self, progress: Callable[[int, int | None], None]) -> None:
+        self._progress = progress
+        self._fetching = False
+
+    def fetched(self, done: int, total: int | None) -> None:
+        self._fetching = True
+        self._progress(done, total)
+
+    def written(self, done: int, total: int | None) -> None:
+        if not self._fetching:
+            self._progress(done, total)

@@ -3,17 +3,19 @@
 Upload: ``ct = encrypt(data, resource_key)``; the first ``n = min(small_part_kb KiB, 30 % of ct)``
 bytes go to the API as ``<name>.small``, the rest to the CDN as ``<folder>/<name>.big`` and to
 the local cache. Load: the small part from the API, the big part from the cache or else the
-CDN, and ``decrypt(small || big)`` streamed into any writable sink.
+CDN (fetch.py: parallel ranged GETs into a resumable partial file, read while they arrive), and
+``decrypt(small || big)`` streamed into any writable sink.
 
 Both directions stream with memory that does not grow with the resource. Before a single
 plaintext byte is written, a load vets the padding from the last two cipher blocks, so a
 truncated or tail-tampered cached part is dropped and fetched again from the CDN once. Loads
-that miss the same big part share one download (single flight).
+that miss the same big part share one download (single flight), each reading it as it arrives.
 
 The padding says nothing about which version of the resource a big part belongs to, so each
 big part is bound to its small part by the small part's SHA-256: beside cache entries
 (azaiond.cache) and as the CDN object's metadata. A cached entry of another version is never
-served; a CDN object of another version answers ``stale``.
+served; a CDN object of another version answers ``stale`` before a byte of it is fetched, and a
+download is installed in the cache bound to the small part it was checked against.
 
 v1 has no MAC: tampering that keeps the padding valid yields wrong bytes, undetected. See
 docs/security.md. Format v2 (azaiond/splitv2.py) is authenticated; a load tells the two apart by
@@ -32,13 +34,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import Protocol
 
 from azaiond import crypto
 from azaiond.apiclient import ResourceApi
+from azaiond.bigpart import BigPart, CachedBigPart
 from azaiond.cache import BigPartCache
 from azaiond.cdn import SMALL_SHA256, Cdn, ObjectInfo
-from azaiond.errors import Cancelled, IntegrityError, InvalidParams, NotAuthenticated, Stale, StorageError
+from azaiond.errors import Cancelled, IntegrityError, InvalidParams, NotAuthenticated, Stale
+from azaiond.fetch import Fetcher, Progress
 from azaiond.fsutil import atomic_file
 from azaiond.generations import Generations
 from azaiond.names import check_bucket, check_name
@@ -46,6 +50,7 @@ from azaiond.sealed import CHUNK_LOG2
 from azaiond.splitv2 import SplitV2, is_v2_small
 
 log = logging.getLogger(__name__)
+MIB = 1024 * 1024
 
 
 class Input(Protocol):
@@ -112,6 +117,7 @@ class SplitResources:
         generations: Generations | None = None,
         upload_format: int = 1,
         chunk_log2: int = CHUNK_LOG2,
+        fetcher: Fetcher | None = None,
     ) -> None:
         self._api = api
         self._cdn = cdn
@@ -122,6 +128,14 @@ class SplitResources:
         self._format = upload_format
         generations = generations or Generations(self.cache_dir.parent / "generations.json")
         self.v2 = SplitV2(api, cdn, self, generations, chunk_log2)
+        # Cold loads: parallel ranged GETs into a resumable partial file beside the cache.
+        self.fetcher = fetcher or Fetcher(
+            self.cache_dir.parent / "partial", range_size=8 * MIB, parallel=4, retries=3
+        )
+
+    def close(self) -> None:
+        """Stop downloads under way; their partial files are kept for the next load."""
+        self.fetcher.close()
 
     def _key(self) -> bytes:
         secret = self._resource_key()
@@ -140,51 +154,92 @@ class SplitResources:
 
     # -- the big part --------------------------------------------------------------------
 
-    def fetch_big_part(self, folder: str, name: str, fingerprint: str, dest: Path) -> None:
-        """Put the complete big part from the CDN at ``dest``, refusing another version.
+    def _open_big(
+        self,
+        name: str,
+        folder: str,
+        fingerprint: str,
+        bad: os.stat_result | None = None,
+        *,
+        cancel: threading.Event | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[BigPart, bool]:
+        """The big part bound to ``fingerprint``; True if it comes from the CDN now.
 
-        The one place a big part is fetched: whatever does the transfer must show the object's
-        HEAD (metadata) to ``check_binding`` before writing anything, and leave ``dest`` whole
-        or absent.
+        A cache entry is checked and opened under its entry lock. Else the fetcher's download of
+        it is read while it arrives (loads that miss the same entry share one download); before
+        a byte is fetched the object's HEAD must carry no other small part's fingerprint
+        (``Stale``), and room is made under ``cache_max_mb``. The finished download is installed
+        bound to ``fingerprint``. ``bad`` is an entry that failed verification: it is dropped
+        and fetched again unless a peer has replaced it already.
         """
+        dest = self.cache.path(folder, name)
         where = f"{folder}/{name}"
 
-        def expect(info: ObjectInfo) -> None:
+        def check(info: ObjectInfo) -> None:
             check_binding(info, fingerprint, where)
-            self.cache.evict(room=info.size)  # make room first: the disk may be small
 
-        self._cdn().download_to(folder, f"{name}.big", dest, expect=expect)
+        def prepare(info: ObjectInfo) -> None:
+            self._make_room(folder, name, info.size)
 
-    def _open_big(
-        self, name: str, folder: str, fingerprint: str, bad: os.stat_result | None = None
-    ) -> tuple[IO[bytes], bool]:
-        """The big part bound to ``fingerprint``, opened; True if fetched from the CDN now.
+        def install(staged: Path) -> None:
+            with self.cache.flight(folder, name):
+                self.cache.install(folder, name, fingerprint, staged)
 
-        Loads that miss the same entry share one download (single flight). ``bad`` is an entry
-        that failed verification: it is replaced unless a peer has replaced it already.
-        """
-        with self.cache.flight(folder, name):
-            handle = self.cache.open_valid(folder, name, fingerprint)
-            if handle is not None:
-                st = os.fstat(handle.fileno())
-                if bad is None or (st.st_dev, st.st_ino) != (bad.st_dev, bad.st_ino):
-                    self.cache.hits += 1
-                    return handle, False
-                handle.close()
-            self.cache.fill(
-                folder, name, fingerprint, lambda dest: self.fetch_big_part(folder, name, fingerprint, dest)
+        while True:
+            with self.cache.flight(folder, name):
+                handle = self.cache.open_valid(folder, name, fingerprint)
+                if handle is not None:
+                    st = os.fstat(handle.fileno())
+                    if bad is None or (st.st_dev, st.st_ino) != (bad.st_dev, bad.st_ino):
+                        self.cache.hits += 1
+                        return CachedBigPart(dest, handle), False
+                    handle.close()
+                    self.cache.drop(folder, name)  # still the bad one: nobody replaced it yet
+            reader = self.fetcher.open(
+                self._cdn,
+                folder,
+                f"{name}.big",
+                dest,
+                install=install,
+                present=lambda: self.cache.fingerprint(folder, name) == fingerprint,
+                tag=fingerprint,
+                cancel=cancel,
+                progress=progress,
+                check=check,
+                prepare=prepare,
             )
-            self.cache.misses += 1
-            handle = self.cache.open_valid(folder, name, fingerprint)
-            if handle is None:
-                raise StorageError(f"the cache entry {self.cache.path(folder, name)} vanished as it was written")
-            return handle, True
+            if reader is not None:
+                self.cache.misses += 1
+                return reader, True
+            bad = None  # installed meanwhile by another load: a fresh entry
+
+    def _make_room(self, folder: str, name: str, size: int) -> None:
+        """Under a cache limit, room for ``size`` more bytes: partial files of other downloads
+        count, so least recently used entries go first, then idle partial files, oldest first."""
+        limit = self.cache.limit_bytes
+        if not limit:
+            return
+        key = f"{name}.big"
+        others = self.fetcher.disk_bytes(folder, key)
+        self.cache.evict(room=size + others)
+        over = self.cache.total_bytes + size + others - limit
+        if over > 0:
+            self.fetcher.prune(over, folder, key)
 
     # The big-part cache as other formats' loaders use it: by small part, binding included.
     # Run such a load inside ``self.cache.pinned(folder, name)`` so its entry is not evicted.
-    def open_big(self, name: str, folder: str, small: bytes) -> tuple[IO[bytes], bool]:
-        """The cached big part bound to ``small``, opened (fetched first if missing or stale)."""
-        return self._open_big(name, folder, small_fingerprint(small))
+    def open_big(
+        self,
+        name: str,
+        folder: str,
+        small: bytes,
+        *,
+        cancel: threading.Event | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[BigPart, bool]:
+        """The big part bound to ``small``: the cache entry, or its download read as it arrives."""
+        return self._open_big(name, folder, small_fingerprint(small), cancel=cancel, progress=progress)
 
     def drop_big(self, name: str, folder: str) -> None:
         self._drop(name, folder)
@@ -202,44 +257,59 @@ class SplitResources:
 
     # -- load ----------------------------------------------------------------------------
 
-    def load(self, name: str, folder: str, sink: crypto.Sink, cancel: threading.Event | None = None) -> LoadResult:
+    def load(
+        self,
+        name: str,
+        folder: str,
+        sink: crypto.Sink,
+        cancel: threading.Event | None = None,
+        progress: Progress | None = None,
+    ) -> LoadResult:
+        """Load into ``sink``. ``progress(done, total)`` hears of the CDN phase of a big part
+        that is not cached: bytes of it on the disk (resumed ones included) and its size."""
         self._check(name, folder)
         key = self._key()
         small = self._api.get_resource(folder, f"{name}.small")
         if is_v2_small(small):
             with self.cache.pinned(folder, name):  # v2 reads its entry through open_big
-                v2 = self.v2.load(name, folder, small, key, sink=sink, cancel=cancel)
+                v2 = self.v2.load(name, folder, small, key, sink=sink, cancel=cancel, progress=progress)
             return LoadResult(v2.size, v2.sha256, 2, v2.generation)
         fingerprint = small_fingerprint(small)
         with self.cache.pinned(folder, name):
-            big, fetched = self._open_big(name, folder, fingerprint)
+            big, fetched = self._open_big(name, folder, fingerprint, cancel=cancel, progress=progress)
             try:
                 try:
                     self._vet(small, big, key)
-                except IntegrityError:
+                except IntegrityError as exc:
                     if fetched:  # straight from the CDN and still bad: keep nobody from trusting it
-                        self._drop(name, folder)
+                        self._refuse(name, folder, big, exc)
                         raise
                     log.warning("cached big part of %s/%s fails verification; fetching it again", folder, name)
-                    bad = os.fstat(big.fileno())
+                    bad = os.fstat(big.fileno()) if isinstance(big, CachedBigPart) else None
                     big.close()
-                    big, fetched = self._open_big(name, folder, fingerprint, bad)
+                    big, fetched = self._open_big(name, folder, fingerprint, bad, cancel=cancel, progress=progress)
                     try:
                         self._vet(small, big, key)
-                    except IntegrityError:
-                        self._drop(name, folder)
+                    except IntegrityError as exc2:
+                        self._refuse(name, folder, big, exc2)
                         raise
                 try:
                     result = self._decrypt(small, big, key, sink, cancel)
-                    return dataclasses.replace(result, cache_hit=not fetched)
-                except IntegrityError:
+                except IntegrityError as exc:
                     # The tail was vetted, so the file changed under us; never trust it again.
-                    self._drop(name, folder)
+                    self._refuse(name, folder, big, exc)
                     raise
+                big.finish()  # a download is installed in the cache before the load answers
+                return dataclasses.replace(result, cache_hit=not fetched)
             finally:
                 big.close()
 
-    def prefetch(self, name: str, folder: str) -> int:
+    def _refuse(self, name: str, folder: str, big: BigPart, exc: IntegrityError) -> None:
+        """Bad bytes: stop a download of them (no partial file is kept) and drop the entry."""
+        big.fail(exc)
+        self._drop(name, folder)
+
+    def prefetch(self, name: str, folder: str, cancel: threading.Event | None = None) -> int:
         """Make sure the cache holds the big part bound to the current small part; its size.
 
         Nothing is decrypted: the small part only tells which version of the big part to keep.
@@ -248,31 +318,32 @@ class SplitResources:
         small = self._api.get_resource(folder, f"{name}.small")
         fingerprint = small_fingerprint(small)
         with self.cache.pinned(folder, name):
-            big, _ = self._open_big(name, folder, fingerprint)
-            with big:
-                return os.fstat(big.fileno()).st_size
+            big, _ = self._open_big(name, folder, fingerprint, cancel=cancel)
+            try:
+                big.finish()
+                return big.size
+            finally:
+                big.close()
 
     @staticmethod
-    def _vet(small: bytes, big: IO[bytes], key: bytes) -> None:
-        """Check length and padding of ``small || big`` from its last two blocks alone."""
-        big_len = os.fstat(big.fileno()).st_size
-        total = len(small) + big_len
+    def _vet(small: bytes, big: BigPart, key: bytes) -> None:
+        """Check length and padding of ``small || big`` from its last two blocks alone (a
+        download fetches its tail early, so this waits for two ranges at most)."""
+        total = len(small) + big.size
         if total < crypto.IV_SIZE + crypto.BLOCK or total % crypto.BLOCK:
             raise IntegrityError("decryption failed")
-        take = min(big_len, 2 * crypto.BLOCK)
-        tail = os.pread(big.fileno(), take, big_len - take)
+        take = min(big.size, 2 * crypto.BLOCK)
+        tail = big.pread(big.size - take, take)
         crypto.check_tail((small + tail)[-2 * crypto.BLOCK :] if take < 2 * crypto.BLOCK else tail, key)
 
     @staticmethod
     def _decrypt(
-        small: bytes, big: IO[bytes], key: bytes, sink: crypto.Sink, cancel: threading.Event | None
+        small: bytes, big: BigPart, key: bytes, sink: crypto.Sink, cancel: threading.Event | None
     ) -> LoadResult:
         pending = memoryview(small)
-        fd = big.fileno()
-        offset = 0
 
         def read(buf: memoryview) -> int:
-            nonlocal pending, offset
+            nonlocal pending
             if cancel is not None and cancel.is_set():
                 raise Cancelled("the load was stopped before it finished")
             if pending:
@@ -280,9 +351,7 @@ class SplitResources:
                 buf[:n] = pending[:n]
                 pending = pending[n:]
                 return n
-            n = os.preadv(fd, [buf], offset)
-            offset += n
-            return n
+            return big.readinto(buf)
 
         size, digest = crypto.decrypt_chunks(read, sink, key)
         return LoadResult(size, digest)

@@ -11,7 +11,8 @@ Upload: the generation is the largest of the time in microseconds, one more than
 seen, and one more than the published small part's when that one is v2. The sealed stream goes
 to the cache and the CDN as a v1 big part does; the header goes to the API as ``<name>.small``.
 
-The big part is read through ``sealed.Source`` (``readinto`` from an offset), whatever fetches it.
+The big part is read through ``bigpart.BigPart``: a cache entry, or the download of a missing
+one, whose chunks open as soon as their bytes are contiguous (fetch.py).
 """
 
 from __future__ import annotations
@@ -19,19 +20,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol, cast
+from typing import Protocol
 
 from azaiond import sealed
 from azaiond.apiclient import ResourceApi
+from azaiond.bigpart import BigPart
 from azaiond.cdn import SMALL_SHA256, Cdn
 from azaiond.crypto import BackgroundHash, Sink
 from azaiond.errors import IntegrityError, InvalidParams, NotFound, Rollback
+from azaiond.fetch import Progress
 from azaiond.fsutil import atomic_file
 from azaiond.generations import MAX_GENERATION, Generations
 
@@ -43,9 +45,17 @@ class CacheAccess(Protocol):
 
     def cache_path(self, name: str, folder: str) -> Path: ...
 
-    def open_big(self, name: str, folder: str, small: bytes) -> tuple[IO[bytes], bool]:
-        """The cached big part that goes with ``small``, opened (fetched first if missing);
-        True when it came from the CDN just now."""
+    def open_big(
+        self,
+        name: str,
+        folder: str,
+        small: bytes,
+        *,
+        cancel: threading.Event | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[BigPart, bool]:
+        """The big part that goes with ``small``: the cache entry, or its download read as it
+        arrives; True when it comes from the CDN now."""
         ...
 
     def drop_big(self, name: str, folder: str) -> None: ...
@@ -96,7 +106,15 @@ class SplitV2:
     # -- load ----------------------------------------------------------------------------
 
     def load(
-        self, name: str, folder: str, small: bytes, root: bytes, *, sink: Sink, cancel: threading.Event | None
+        self,
+        name: str,
+        folder: str,
+        small: bytes,
+        root: bytes,
+        *,
+        sink: Sink,
+        cancel: threading.Event | None,
+        progress: Progress | None = None,
     ) -> V2Load:
         header = sealed.open_header(small, root, sealed.MAGIC_SPLIT)
         seen = self.generations.highest(folder, name)
@@ -120,7 +138,7 @@ class SplitV2:
             sealed.open_chunks(header, source, first, emit, opener=opener, buffer=buffer, cancel=cancel)
 
         try:
-            resume = self._from_cache(name, folder, small, header, run)
+            resume = self._from_cache(name, folder, small, header, run, cancel=cancel, progress=progress)
             if resume is not None:
                 self._from_cdn(name, folder, header, resume, run)
         finally:
@@ -129,15 +147,30 @@ class SplitV2:
         return V2Load(size, digest.hexdigest(b""), header.generation)
 
     def _from_cache(
-        self, name: str, folder: str, small: bytes, header: sealed.Header, run: Callable[[sealed.Source, int], None]
+        self,
+        name: str,
+        folder: str,
+        small: bytes,
+        header: sealed.Header,
+        run: Callable[[sealed.Source, int], None],
+        *,
+        cancel: threading.Event | None,
+        progress: Progress | None,
     ) -> int | None:
-        """Read what the cache entry gives; the chunk to go on from on the CDN, or None when done."""
-        big, fetched = self._cache.open_big(name, folder, small)
+        """Read what the cache entry (or the download of a missing one) gives; the chunk to go
+        on from on the CDN, or None when done."""
+        big, fetched = self._cache.open_big(name, folder, small, cancel=cancel, progress=progress)
         try:
-            with big:
-                if os.fstat(big.fileno()).st_size != header.stream_size:
+            try:
+                if big.size != header.stream_size:
                     raise sealed.ChunkFailed(0)
-                run(cast(sealed.Source, big), 0)
+                run(big, 0)
+                big.finish()  # a download is installed in the cache before the load answers
+            except sealed.ChunkFailed as exc:
+                big.fail(exc)  # a download of bad bytes keeps no partial file either
+                raise
+            finally:
+                big.close()
             return None
         except sealed.ChunkFailed as exc:
             self._cache.drop_big(name, folder)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import boto3
 import requests
 
-from azaiond import credentials, hardware, transport
+from azaiond import credentials, hardware, partial, transport
 from azaiond.account import Account
 from azaiond.apiclient import Credentials, ResourceApi
 from azaiond.apifiles import ApiFiles
@@ -27,6 +27,7 @@ from azaiond.cache import BigPartCache
 from azaiond.cdn import Cdn, CdnSettings
 from azaiond.config import Config, SocketConfig
 from azaiond.errors import AzaionError, StorageError
+from azaiond.fetch import Fetcher
 from azaiond.fsutil import private_dir, sweep_temp_files
 from azaiond.generations import Generations
 from azaiond.handlers import Handlers
@@ -102,6 +103,7 @@ class Services:
         if self.prefetcher is not None:
             self.prefetcher.close()
         self.unlock.close()
+        self.resources.close()  # downloads checkpoint their partial files, to resume after a restart
         self.session.close()
 
 
@@ -149,6 +151,7 @@ def build_services(
         # needs the disk answers storage with the path.
         log.warning("the state dir is not usable: %s", exc.message)
     sweep_temp_files(config.state_dir)  # leftovers of a crash are never trusted
+    partial.sweep(config.partial_dir, config.cdn.partial_max_age_h * 3600)
     session = overrides.session or transport.api_session("azaiond")
     login_credentials = overrides.login_credentials or credentials.login_credentials
     machine = hardware.describe() if config.hardware == "auto" else config.hardware
@@ -191,6 +194,12 @@ def build_services(
         generations=Generations(config.generations_path),
         upload_format=config.resources.format,
         chunk_log2=config.resources.v2_chunk_log2,
+        fetcher=Fetcher(
+            config.partial_dir,
+            range_size=config.cdn.range_bytes,
+            parallel=config.cdn.parallel,
+            retries=config.cdn.retries,
+        ),
     )
     images = DockerImages(config.docker.base_url, config.docker.timeout)
     unlock = UnlockJob(config, account, images, status_line=status_line or (lambda _line: None))

@@ -14,6 +14,7 @@ packages=(
     openssl util-linux procps time socat          # openssl interop, setpriv, /usr/bin/time
     docker.io python3-docker                       # a real dockerd; Debian's SDK for the compat test
     systemd-container debootstrap                  # the system test boots systemd in nspawn
+    nginx-light                                    # a fast read origin for scripts/bench_cold.py
     debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
     lintian build-essential fakeroot               # building and linting the .deb
 )

@@ -193,6 +193,7 @@ def test_every_tamper_class_is_integrity_and_output_is_a_clean_prefix(
         assert data.startswith(got), label
         assert len(got) <= first_bad * C, label
         assert not cache_file(daemon, name).exists(), label
+        assert not list((daemon.state_dir / "partial").rglob("*.part*")), label  # nor kept to resume
     # Put back, the true parts load again.
     clean_stack.refserver.put_part(FOLDER, f"{name}.small", small)
     put_big(clean_stack, name, stream)

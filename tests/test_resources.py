@@ -333,6 +333,7 @@ def test_damaged_big_part_on_cdn(engine: Engine, stack: DevStack, damage: str) -
     assert out.getvalue() == b""  # vetted before writing: not one byte went out
     assert len(engine.gets) == 1  # fresh from the CDN already: no second fetch
     assert not _cached(engine, name).exists()  # and nothing bad stays cached
+    assert not list((engine.state_dir / "partial").rglob("*.part*"))  # nor half of it for a resume
 
 
 def test_tampered_small_part_in_transit(engine: Engine, stack: DevStack) -> None:
