@@ -34,7 +34,6 @@ import select
 import socket
 import struct
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -466,14 +465,3 @@ def _wait_client_gone(conn: _Conn) -> None:
                 return
         except (OSError, ValueError):
             return
-
-
-def wait_until(pred: object, timeout: float = 10.0) -> bool:
-    """Poll ``pred()`` (a callable) until true or the timeout: for tests that wait on counters."""
-    deadline = time.monotonic() + timeout
-    assert callable(pred)
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return bool(pred())

@@ -8,12 +8,14 @@ counters and hardware bindings after the test, so no test sees another's leftove
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import requests
 
+from tests.faultproxy import FaultProxy
+from tests.fixtures_daemon import DaemonHandle
 from tests.support.devstack import DevStack
 from tests.support.refserver import RefServer, User
 
@@ -48,6 +50,32 @@ def bucket(clean_stack: DevStack) -> str:
     name = f"t-{secrets.token_hex(6)}"
     clean_stack.ensure_bucket(name)
     return name
+
+
+@pytest.fixture
+def s3_proxy(clean_stack: DevStack) -> Iterator[FaultProxy]:
+    """A fault proxy in front of the stack's S3 (moto), cleared and stopped after the test."""
+    host, port = clean_stack.s3_url.removeprefix("http://").split(":")
+    with FaultProxy(host, int(port)) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def stack_daemon(clean_stack: DevStack, azaiond_factory: Callable[..., DaemonHandle]) -> Callable[..., DaemonHandle]:
+    """Start daemons configured for the dev stack: ``stack_daemon(login=True, overrides={...}, **factory_kwargs)``.
+
+    With ``login`` the stack's admin logs in first, so the daemon is ready to load and upload.
+    """
+
+    def start(login: bool = True, **kwargs: Any) -> DaemonHandle:
+        overrides = kwargs.pop("overrides", {})
+        d = azaiond_factory(config_writer=clean_stack.write_config, overrides=overrides, **kwargs)
+        if login:
+            reply = d.call("login", {"email": clean_stack.admin.email, "password": clean_stack.admin.password})
+            assert "result" in reply, reply
+        return d
+
+    return start
 
 
 def unique_name(prefix: str = "res") -> str:

@@ -29,6 +29,7 @@ import pytest
 
 from tests.fixtures_daemon import DaemonHandle, recv_line
 from tests.support.devstack import DevStack
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become nobody")
 
@@ -163,15 +164,6 @@ def target(clean_stack: DevStack, azaiond_factory: Factory, short_tmp: Path) -> 
     yield start
     for a in attackers:
         a.close()
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
 
 
 def root_load(d: DaemonHandle, data: bytes, timeout: float = 30) -> float:

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import grp
-import json
 import os
-import pwd
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
@@ -29,6 +25,7 @@ from azaiond.config import SocketConfig
 from azaiond.rpc import peer as peer_mod
 from azaiond.rpc.table import Access, Call, MethodSpec, Param
 from tests.fixtures_daemon import DaemonHandle, call_socket
+from tests.support.replies import NOBODY, as_nobody, req
 
 
 @pytest.fixture(autouse=True)
@@ -37,19 +34,7 @@ def _root() -> None:
     if os.geteuid() != 0:
         pytest.fail("run the suite as root (it becomes nobody here)", pytrace=False)
 
-NOBODY = pwd.getpwnam("nobody")
 
-AS_NOBODY = Path(__file__).parent / "programs" / "as_nobody.py"
-
-
-def as_nobody(path: Path, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    lines = "".join(json.dumps(r) + "\n" for r in requests)
-    done = subprocess.run(
-        [sys.executable, str(AS_NOBODY), str(path), str(NOBODY.pw_gid), str(NOBODY.pw_uid)],
-        input=lines, capture_output=True, text=True, timeout=30, check=True,
-    )
-    result: list[dict[str, Any]] = json.loads(done.stdout)
-    return result
 
 
 def _whoami(call: Call) -> Mapping[str, Any]:
@@ -88,13 +73,6 @@ def server_path() -> Iterator[Path]:
     thread.join(5)
     loop.close()
     shutil.rmtree(sockdir, ignore_errors=True)
-
-
-def req(method: str, params: Any = None, id_: int = 1) -> dict[str, Any]:
-    msg: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": id_}
-    if params is not None:
-        msg["params"] = params
-    return msg
 
 
 FORBIDDEN = {"code": -32002, "message": "forbidden", "data": {"kind": "forbidden"}}

@@ -19,21 +19,10 @@ from tests.fixtures_daemon import DaemonHandle
 from tests.fixtures_stack import unique_name
 from tests.support.devstack import DevStack
 from tests.support.refserver.handler import parse_multipart
+from tests.support.replies import kind, ok
 
 FOLDER = "api-files"
 Factory = Callable[..., DaemonHandle]
-
-
-def ok(reply: dict[str, Any]) -> dict[str, Any]:
-    assert "error" not in reply, reply
-    result: dict[str, Any] = reply["result"]
-    return result
-
-
-def kind(reply: dict[str, Any]) -> str:
-    assert "result" not in reply, reply
-    value: str = reply["error"]["data"]["kind"]
-    return value
 
 
 @pytest.fixture

@@ -86,3 +86,34 @@ def test_the_rules_catch_a_forbidden_arrow() -> None:
     assert not _matches("wiring", allowed)
     cli_allowed = next(allowed for mods, allowed in rules if _matches("cli.main", mods))
     assert not _matches("handlers", cli_allowed) and _matches("client", cli_allowed)
+
+
+def _test_module_imports(path: Path) -> list[str]:
+    """The test modules (``tests/test_*.py``) that ``path`` imports, however it is spelled."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[-1].startswith("test_")]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""  # "from . import test_x" has no module
+            if module.split(".")[-1].startswith("test_"):
+                found.append(module)
+            elif module in ("tests", ""):
+                found += [f"tests.{a.name}" for a in node.names if a.name.startswith("test_")]
+    return found
+
+
+def test_no_test_module_imports_another() -> None:
+    # Shared helpers live in tests/support/ and the fixtures_*.py plugins, so each test module
+    # can be read, run and changed on its own.
+    broken = [f"{p.relative_to(ROOT)} -> {m}" for p in sorted((ROOT / "tests").rglob("*.py"))
+              for m in _test_module_imports(p)]
+    assert not broken, "test modules importing test modules:\n" + "\n".join(broken)
+
+
+def test_the_test_import_check_sees_each_spelling(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "from tests.test_a import x\nfrom tests import test_b\nimport tests.test_c\nfrom tests import fixtures_d\n"
+    )
+    assert _test_module_imports(sample) == ["tests.test_a", "tests.test_b", "tests.test_c"]

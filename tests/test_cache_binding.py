@@ -21,11 +21,9 @@ from azaiond.cache import BigPartCache
 from azaiond.cdn import SMALL_SHA256
 from azaiond.errors import Stale, UpstreamError
 from tests.fixtures_daemon import DaemonHandle
+from tests.fixtures_engine import FOLDER, Engine
 from tests.fixtures_stack import unique_name
 from tests.support.devstack import DevStack
-from tests.test_resources import FOLDER, Engine, engine, make_engine
-
-__all__ = ["engine", "make_engine"]  # fixtures used here
 
 
 def _sidecar(eng: Engine, name: str) -> Any:

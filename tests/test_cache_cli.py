@@ -10,14 +10,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from azaiond.cli import exitcodes
 from tests.fixtures_daemon import DaemonHandle
 from tests.fixtures_stack import unique_name
 from tests.support.devstack import DevStack
-from tests.test_cache_control import FOLDER, ok, start
+from tests.support.replies import ok
 
-__all__ = ["start"]  # the fixture used here
-
+FOLDER = "cache-models"
 CLI = [sys.executable, "-m", "azaiond.cli.main"]
 
 
@@ -25,6 +26,12 @@ def ctl(d: DaemonHandle, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*CLI, "--socket", str(d.socket_path), *args], capture_output=True, text=True, timeout=60, check=False
     )
+
+
+@pytest.fixture
+def start(clean_stack: DevStack, stack_daemon: Callable[..., DaemonHandle]) -> Callable[..., DaemonHandle]:
+    clean_stack.ensure_bucket(FOLDER)
+    return stack_daemon
 
 
 def test_cache_and_api_commands(start: Callable[..., DaemonHandle], clean_stack: DevStack, tmp_path: Path) -> None:

@@ -16,39 +16,17 @@ import pytest
 from tests.fixtures_daemon import DaemonHandle
 from tests.fixtures_stack import unique_name
 from tests.support.devstack import DevStack
-from tests.test_access import NOBODY, as_nobody, req
-from tests.test_resources import free_port
+from tests.support.replies import NOBODY, as_nobody, err, free_port, ok, req
 
 FOLDER = "cache-models"
 MIB = 1024 * 1024
 Factory = Callable[..., DaemonHandle]
 
 
-def ok(reply: dict[str, Any]) -> dict[str, Any]:
-    assert "error" not in reply, reply
-    result: dict[str, Any] = reply["result"]
-    return result
-
-
-def err(reply: dict[str, Any], code: int, kind: str) -> str:
-    assert "result" not in reply, reply
-    assert reply["error"]["code"] == code and reply["error"]["data"]["kind"] == kind, reply
-    message: str = reply["error"]["message"]
-    return message
-
-
 @pytest.fixture
-def start(clean_stack: DevStack, azaiond_factory: Factory) -> Callable[..., DaemonHandle]:
+def start(clean_stack: DevStack, stack_daemon: Callable[..., DaemonHandle]) -> Callable[..., DaemonHandle]:
     clean_stack.ensure_bucket(FOLDER)
-
-    def start(login: bool = True, **kwargs: Any) -> DaemonHandle:
-        overrides = kwargs.pop("overrides", {})
-        d = azaiond_factory(config_writer=clean_stack.write_config, overrides=overrides, **kwargs)
-        if login:
-            ok(d.call("login", {"email": clean_stack.admin.email, "password": clean_stack.admin.password}))
-        return d
-
-    return start
+    return stack_daemon
 
 
 def publish(d: DaemonHandle, name: str, data: bytes) -> None:

@@ -19,6 +19,7 @@ import pytest
 from azaiond.client import Client
 from tests.fixtures_daemon import DaemonHandle, recv_lines, request_line
 from tests.support.devstack import DevStack
+from tests.support.polling import wait_until
 
 FOLDER = "callers-models"
 Factory = Callable[..., DaemonHandle]
@@ -63,15 +64,6 @@ def load_inline(d: DaemonHandle, name: str) -> bytes:
     reply = d.call("load", {"name": name, "folder": FOLDER}, timeout=60)
     assert "result" in reply, reply
     return base64.b64decode(reply["result"]["data"])
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
 
 
 def test_upload_whose_caller_dies_commits_nothing(start: Callable[..., DaemonHandle], clean_stack: DevStack) -> None:

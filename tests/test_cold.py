@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +35,13 @@ BOUND = b"the small part itself"  # publish(bound_to=BOUND): the big part names 
 
 
 @pytest.fixture
-def proxy(clean_stack: DevStack) -> Iterator[FaultProxy]:
-    host, port = clean_stack.s3_url.removeprefix("http://").split(":")
-    with FaultProxy(host, int(port)) as p:
-        yield p
-
-
-@pytest.fixture
 def start(
-    clean_stack: DevStack, proxy: FaultProxy, azaiond_factory: Callable[..., DaemonHandle]
+    clean_stack: DevStack, s3_proxy: FaultProxy, azaiond_factory: Callable[..., DaemonHandle]
 ) -> Callable[..., DaemonHandle]:
     clean_stack.ensure_bucket(FOLDER)
 
     def start(name: str = "cold", **overrides: Any) -> DaemonHandle:
-        cdn = {"endpoint": proxy.url, "range_mb": 1, "parallel": 3, "retries": 1}
+        cdn = {"endpoint": s3_proxy.url, "range_mb": 1, "parallel": 3, "retries": 1}
         overrides = {"cdn": cdn, **overrides}
         d = azaiond_factory(config_writer=clean_stack.write_config, overrides=overrides, name=name)
         login = {"email": clean_stack.admin.email, "password": clean_stack.admin.password}
@@ -94,58 +87,58 @@ def gets(name: str) -> Match:
     return Match(method="GET", path_prefix=f"/{FOLDER}/{name}.big")
 
 
-def cut_at_60_percent(proxy: FaultProxy, name: str) -> None:
+def cut_at_60_percent(s3_proxy: FaultProxy, name: str) -> None:
     """Four of seven ranges pass; the next three are cut half-way; every later GET gets 503."""
-    proxy.set(Fault.passthrough(), gets(name), times=4)
-    proxy.add(Fault.cut(after=MIB // 2), gets(name), times=3)
-    proxy.add(Fault.answer(503), gets(name))
+    s3_proxy.set(Fault.passthrough(), gets(name), times=4)
+    s3_proxy.add(Fault.cut(after=MIB // 2), gets(name), times=3)
+    s3_proxy.add(Fault.answer(503), gets(name))
 
 
 def test_cut_load_resumes_after_a_restart(
-    start: Callable[..., DaemonHandle], clean_stack: DevStack, proxy: FaultProxy, tmp_path: Path
+    start: Callable[..., DaemonHandle], clean_stack: DevStack, s3_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     name = "resume.bin"
     digest = publish(clean_stack, name)
     big = big_size(name, clean_stack)
     d = start()
-    cut_at_60_percent(proxy, name)
+    cut_at_60_percent(s3_proxy, name)
     reply = load(d, name, tmp_path / "first")
     assert reply["error"]["data"]["kind"] == "cdn", reply
     partial = d.state_dir / "partial" / FOLDER
     assert (partial / f"{name}.big.part.json").exists()
     assert not (d.state_dir / "cache" / FOLDER / f"{name}.big").exists()
-    first = proxy.bytes_down
+    first = s3_proxy.bytes_down
     assert first > 0.5 * big
     d.stop()
 
-    proxy.clear()
+    s3_proxy.clear()
     d = start()  # same name: the same state dir
     reply = load(d, name, tmp_path / "second")
     assert reply["result"]["sha256"] == digest
     assert hashlib.sha256((tmp_path / "second").read_bytes()).hexdigest() == digest
-    fetched_twice = proxy.bytes_down - big
+    fetched_twice = s3_proxy.bytes_down - big
     assert fetched_twice < 0.1 * big, f"{fetched_twice} bytes fetched twice"
-    assert proxy.bytes_down - first < big - first + HEADS + 0.1 * big
+    assert s3_proxy.bytes_down - first < big - first + HEADS + 0.1 * big
     assert list(partial.iterdir()) == []  # the partial file became the cache entry
     assert (d.state_dir / "cache" / FOLDER / f"{name}.big").stat().st_size == big
 
 
 def test_cut_ranges_are_retried_within_one_load(
-    start: Callable[..., DaemonHandle], clean_stack: DevStack, proxy: FaultProxy, tmp_path: Path
+    start: Callable[..., DaemonHandle], clean_stack: DevStack, s3_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     name = "retry.bin"
     digest = publish(clean_stack, name)
     big = big_size(name, clean_stack)
     d = start()
-    proxy.set(Fault.cut(after=300_000), gets(name), times=3)
+    s3_proxy.set(Fault.cut(after=300_000), gets(name), times=3)
     reply = load(d, name, tmp_path / "out")
     assert reply["result"]["sha256"] == digest, reply
-    assert proxy.faulted == 3
-    assert proxy.bytes_down < big + HEADS  # each retry asked only for the missing bytes
+    assert s3_proxy.faulted == 3
+    assert s3_proxy.bytes_down < big + HEADS  # each retry asked only for the missing bytes
 
 
 def test_concurrent_loads_of_a_missing_big_part_fetch_it_once(
-    start: Callable[..., DaemonHandle], clean_stack: DevStack, proxy: FaultProxy, tmp_path: Path
+    start: Callable[..., DaemonHandle], clean_stack: DevStack, s3_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     name = "shared.bin"
     digest = publish(clean_stack, name)
@@ -164,15 +157,15 @@ def test_concurrent_loads_of_a_missing_big_part_fetch_it_once(
     for t in threads:
         t.join(120)
     assert [r.get("result", r)["sha256"] for r in replies] == [digest] * 5
-    assert proxy.count("GET", f"/{FOLDER}/{name}.big") == 7
-    assert proxy.bytes_down < big + HEADS
+    assert s3_proxy.count("GET", f"/{FOLDER}/{name}.big") == 7
+    assert s3_proxy.bytes_down < big + HEADS
 
 
 # -- the downloaded big part is a cache entry like any other ----------------------------------
 
 
 def test_cold_load_is_bound_accounted_and_reports_the_cdn_phase(
-    start: Callable[..., DaemonHandle], clean_stack: DevStack, proxy: FaultProxy, tmp_path: Path
+    start: Callable[..., DaemonHandle], clean_stack: DevStack, s3_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     name = "bound.bin"
     digest = publish(clean_stack, name, bound_to=BOUND)
@@ -200,14 +193,14 @@ def test_cold_load_is_bound_accounted_and_reports_the_cdn_phase(
     assert [(e["folder"], e["name"], e["size"]) for e in listed["entries"]] == [(FOLDER, name, big)]
     assert d.call("status")["result"]["cache_bytes"] == big
     # The next load is a hit: no GET, and progress counts bytes written again.
-    gets_before = proxy.count("GET", f"/{FOLDER}/{name}.big")
+    gets_before = s3_proxy.count("GET", f"/{FOLDER}/{name}.big")
     reply = load(d, name, tmp_path / "again")
     assert reply["result"]["sha256"] == digest
-    assert proxy.count("GET", f"/{FOLDER}/{name}.big") == gets_before
+    assert s3_proxy.count("GET", f"/{FOLDER}/{name}.big") == gets_before
 
 
 def test_cdn_object_of_another_version_is_stale_before_any_byte(
-    start: Callable[..., DaemonHandle], clean_stack: DevStack, proxy: FaultProxy, tmp_path: Path
+    start: Callable[..., DaemonHandle], clean_stack: DevStack, s3_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     name = "other.bin"
     publish(clean_stack, name, bound_to=b"some other small part")
@@ -215,18 +208,18 @@ def test_cdn_object_of_another_version_is_stale_before_any_byte(
     reply = load(d, name, tmp_path / "out")
     assert reply["error"]["data"]["kind"] == "stale", reply
     assert (tmp_path / "out").stat().st_size == 0
-    assert proxy.count("GET", f"/{FOLDER}/{name}.big") == 0  # the HEAD was enough
+    assert s3_proxy.count("GET", f"/{FOLDER}/{name}.big") == 0  # the HEAD was enough
     assert not list((d.state_dir / "partial").rglob("*.part*"))
     assert not (d.state_dir / "cache" / FOLDER / f"{name}.big").exists()
 
 
 def test_partial_files_are_no_entries_but_count_against_the_limit(
-    start: Callable[..., DaemonHandle], clean_stack: DevStack, proxy: FaultProxy, tmp_path: Path
+    start: Callable[..., DaemonHandle], clean_stack: DevStack, s3_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     first, second = "first.bin", "second.bin"
     digests = {n: publish(clean_stack, n, bound_to=BOUND) for n in (first, second)}
     d = start(resources={"cache_max_mb": 10})  # room for one big part (~6 MiB), not two
-    cut_at_60_percent(proxy, first)
+    cut_at_60_percent(s3_proxy, first)
     assert load(d, first, tmp_path / "cut")["error"]["data"]["kind"] == "cdn"
     part = d.state_dir / "partial" / FOLDER / f"{first}.big.part"
     assert part.exists() and (part.parent / f"{first}.big.part.json").exists()
@@ -234,7 +227,7 @@ def test_partial_files_are_no_entries_but_count_against_the_limit(
     assert d.call("cache_drop")["result"] == {"dropped": 0, "freed_bytes": 0}
     assert part.exists()  # nor dropped as one
 
-    proxy.clear()
+    s3_proxy.clear()
     # The second big part and the first's partial file would pass the limit together: the
     # idle partial file goes (nothing is cached to evict).
     assert load(d, second, tmp_path / "second")["result"]["sha256"] == digests[second]

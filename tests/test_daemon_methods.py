@@ -16,23 +16,10 @@ import pytest
 
 from tests.fixtures_daemon import DaemonHandle, recv_line, request_line
 from tests.support.devstack import DevStack
+from tests.support.replies import err, ok
 
 FOLDER = "daemon-models"
 Factory = Callable[..., DaemonHandle]
-
-
-def ok(reply: dict[str, Any]) -> dict[str, Any]:
-    assert "error" not in reply, reply
-    result: dict[str, Any] = reply["result"]
-    return result
-
-
-def err(reply: dict[str, Any], code: int, kind: str) -> str:
-    assert "result" not in reply, reply
-    assert reply["error"]["code"] == code, reply
-    assert reply["error"]["data"]["kind"] == kind, reply
-    message: str = reply["error"]["message"]
-    return message
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import time
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,11 +48,28 @@ def _fetch(call: Call) -> Mapping[str, Any]:
     return {"data": "YWJj", "cancel_is_mine": call.cancel is EVENTS.get(call.params["name"])}
 
 
+def _quick_echo(call: Call) -> Mapping[str, Any]:
+    """A quick method with params and every way of failing."""
+    what = call.params["what"]
+    if what == "missing":
+        raise NotFound("no such thing")
+    if what == "bug":
+        raise RuntimeError("a bug")
+    if what == "list":
+        return ["not", "an", "object"]  # type: ignore[return-value]
+    if what == "mapping":
+        return types.MappingProxyType({"a": 1})
+    return {"what": what, "n": call.params.get("n")}
+
+
 GATES: dict[str, threading.Event] = {}
 EVENTS: dict[str, threading.Event] = {}
 
 TABLE = {
     "health": MethodSpec("health", _health, Access.OPEN, blocking=False),
+    "echo": MethodSpec("echo", _quick_echo, Access.OPEN, (Param("what", str), Param("n", int, required=False)),
+                       blocking=False),
+    "admin_echo": MethodSpec("admin_echo", _quick_echo, Access.ADMIN, (Param("what", str),), blocking=False),
     "fetch": MethodSpec("fetch", _fetch, Access.OPEN, (Param("name", str), Param("data", str, required=False))),
 }
 
@@ -299,3 +317,63 @@ def test_failed_calls_are_logged_once(azaiond: DaemonHandle) -> None:
     assert text.count("login failed: invalid_params") == 1
     assert "health" not in text
     assert "e@example.com" not in text
+
+
+QUICK_LINES = [
+    b'{"jsonrpc":"2.0","method":"health","id":1}',
+    b'{"jsonrpc":"2.0","method":"health","params":{},"id":"x"}',
+    b'{"jsonrpc":"2.0","method":"health","params":{"extra":1},"id":2}',
+    b'{"jsonrpc":"2.0","method":"health","params":{"progress":"yes"},"id":3}',
+    b'{"jsonrpc":"2.0","method":"echo","params":{"what":"hi","n":7},"id":null}',
+    b'{"jsonrpc":"2.0","method":"echo","params":{"what":"hi","n":"7"},"id":4}',
+    b'{"jsonrpc":"2.0","method":"echo","params":{"n":1},"id":5}',
+    b'{"jsonrpc":"2.0","method":"echo","params":{"what":"missing"},"id":6}',
+    b'{"jsonrpc":"2.0","method":"echo","params":{"what":"bug"},"id":7}',
+    b'{"jsonrpc":"2.0","method":"echo","params":{"what":"list"},"id":8}',
+    b'{"jsonrpc":"2.0","method":"echo","params":{"what":"mapping"},"id":9}',
+    b'{"jsonrpc":"2.0","method":"echo","params":{"what":"\\u00e9\\ud83d\\ude00","progress":true},"id":10}',
+    b'{"jsonrpc":"2.0","method":"admin_echo","params":{"what":"hi"},"id":11}',
+    b'{"jsonrpc":"2.0","method":"admin_echo","params":{"nope":1},"id":12}',
+    b'{"jsonrpc":"2.0","method":"echo","params":["hi"],"id":13}',
+    b'{"jsonrpc":"2.0","method":"echo","params":{"what":"hi"}}',
+]
+
+
+@pytest.mark.parametrize("peer", [ROOT, MEMBER])
+def test_quick_calls_answer_the_same_bytes_with_or_without_jsonrpcserver_dispatch(peer: Peer) -> None:
+    # Quick requests skip jsonrpcserver's dispatch; the reply must be the one it would give.
+    direct, library = Dispatcher(TABLE, workers=1), Dispatcher(TABLE, workers=1, direct=False)
+    try:
+        for line in QUICK_LINES:
+            ours = asyncio.run(direct.handle(line, peer))
+            theirs = asyncio.run(library.handle(line, peer))
+            assert ours == theirs, line
+        kinds = [json.loads(asyncio.run(direct.handle(line, peer)) or b"null") for line in QUICK_LINES]
+        assert kinds[0] == {"jsonrpc": "2.0", "result": {"status": "healthy"}, "id": 1}
+        assert kinds[5]["error"]["data"]["kind"] == "invalid_params"
+        assert kinds[7]["error"]["data"]["kind"] == "not_found"
+        assert kinds[8]["error"]["data"]["kind"] == kinds[9]["error"]["data"]["kind"] == "internal"
+        assert kinds[10]["result"] == {"a": 1}
+        assert kinds[12].get("error", {}).get("data", {}).get("kind") == (None if peer.is_admin else "forbidden")
+        assert kinds[15] is None  # a notification
+    finally:
+        direct.close()
+        library.close()
+
+
+def test_quick_calls_are_observed_the_same_on_both_paths() -> None:
+    seen: dict[bool, list[tuple[str, str | None]]] = {True: [], False: []}
+    for direct in (True, False):
+        out = seen[direct]
+
+        def observe(record: CallRecord, out: list[tuple[str, str | None]] = out) -> None:
+            out.append((record.method, record.kind))
+
+        d = Dispatcher(TABLE, workers=1, direct=direct, observers=[observe])
+        try:
+            for line in QUICK_LINES:
+                asyncio.run(d.handle(line, MEMBER))
+        finally:
+            d.close()
+    assert seen[True] == seen[False]
+    assert ("echo", "not_found") in seen[True] and ("admin_echo", "forbidden") in seen[True]

@@ -17,13 +17,15 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
 from tests.faultproxy import Fault, FaultProxy, Match
 from tests.fixtures_daemon import DaemonHandle, recv_line, request_line, start_daemon
 from tests.support.devstack import DevStack
+from tests.support.faultkit import FAST, start_proxy, tmpfs
+from tests.support.polling import wait_until
+from tests.support.replies import kind, ok
 
 FOLDER = "fault-models"
 Factory = Callable[..., DaemonHandle]
@@ -45,34 +47,9 @@ def assert_prompt(times: list[float], what: str) -> None:
     else:
         assert worst < HEALTH_BOUND, f"{what}: worst round trip {worst * 1000:.1f} ms (of {len(times)})"
 
-# Short deadlines keep the matrix fast; the defaults are far longer.
-FAST = {
-    "api": {"retries": 1, "timeout": 1.0, "backoff": 0.02, "deadline": 2.0},
-    "cdn": {"retries": 1, "timeout": 1.0, "deadline": 2.0},
-}
-
-
-def ok(reply: dict[str, Any]) -> dict[str, Any]:
-    assert "error" not in reply, reply
-    result: dict[str, Any] = reply["result"]
-    return result
-
-
-def kind(reply: dict[str, Any]) -> str:
-    assert "error" in reply, reply
-    value: str = reply["error"]["data"]["kind"]
-    return value
-
-
-def _proxy(url: str) -> FaultProxy:
-    parts = urlsplit(url)
-    assert parts.hostname is not None and parts.port is not None
-    return FaultProxy(parts.hostname, parts.port).start()
-
-
 @pytest.fixture
 def proxies(clean_stack: DevStack) -> Iterator[tuple[FaultProxy, FaultProxy]]:
-    api, cdn = _proxy(clean_stack.api_url), _proxy(clean_stack.s3_url)
+    api, cdn = start_proxy(clean_stack.api_url), start_proxy(clean_stack.s3_url)
     try:
         yield api, cdn
     finally:
@@ -224,7 +201,7 @@ def test_hung_login_does_not_stall_status_or_health(
         login = threading.Thread(target=lambda: replies.append(
             d.call("login", {"email": clean_stack.admin.email, "password": clean_stack.admin.password}, timeout=30)))
         login.start()
-        assert _wait(lambda: api.count("POST", "/login") >= 1)
+        assert wait_until(lambda: api.count("POST", "/login") >= 1)
         status_times: list[float] = []
         with d.connect(timeout=30) as sock:
             while login.is_alive():
@@ -243,15 +220,6 @@ def test_hung_login_does_not_stall_status_or_health(
     assert ok(d.call("status"))["authenticated"] is True
 
 
-def _wait(pred: Callable[[], bool], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
-
-
 # ---- login backoff -------------------------------------------------------------------------
 
 
@@ -265,8 +233,8 @@ def test_refused_stored_login_backs_off(
     before = clean_stack.refserver.calls("/login")
     d = azaiond_factory(config_writer=clean_stack.write_config, env={"CREDENTIALS_DIRECTORY": str(creds)},
                         overrides={"api": {"login_backoff": 30}})
-    assert _wait(lambda: clean_stack.refserver.calls("/login") == before + 1)
-    assert _wait(lambda: "login with the 'login' credential failed" in d.log_text())
+    assert wait_until(lambda: clean_stack.refserver.calls("/login") == before + 1)
+    assert wait_until(lambda: "login with the 'login' credential failed" in d.log_text())
     # A burst of loads: every one answers not_authenticated at once, none reaches /login.
     worst = 0.0
     for i in range(60):
@@ -339,7 +307,7 @@ def test_kill_9_during_upload_leaves_no_orphans(
                    "cdn": {**FAST["cdn"], "endpoint": cdn.url, "deadline": 60.0},
                    "resources": {"small_part_kb": 3}})
     clean_stack.ensure_bucket(FOLDER)
-    assert _wait(lambda: ok(d.call("status"))["authenticated"] is True)
+    assert wait_until(lambda: ok(d.call("status"))["authenticated"] is True)
     name = f"kill-{step}-{time.monotonic_ns()}"
     old = os.urandom(100_000)
     ok(_upload_inline(d, name, old))
@@ -361,14 +329,14 @@ def test_kill_9_during_upload_leaves_no_orphans(
     if step == "streaming":
         for _ in range(12):  # two whole 5 MiB parts: the multipart upload is open
             os.write(w, chunk)
-        assert _wait(lambda: any(u["Key"] == f"{name}.big" for u in _uploads_on_cdn(clean_stack, FOLDER)))
-        assert _wait(lambda: any((d.state_dir / "uploads").glob("*.json")))
+        assert wait_until(lambda: any(u["Key"] == f"{name}.big" for u in _uploads_on_cdn(clean_stack, FOLDER)))
+        assert wait_until(lambda: any((d.state_dir / "uploads").glob("*.json")))
     else:
         for _ in range(12):
             os.write(w, chunk)
         os.close(w)
         w = -1
-        assert _wait(lambda: api.count("POST", f"/resources/{FOLDER}") >= 1, timeout=60)
+        assert wait_until(lambda: api.count("POST", f"/resources/{FOLDER}") >= 1, timeout=60)
     d.proc.send_signal(signal.SIGKILL)
     d.proc.wait(10)
     d.stopped = True
@@ -380,16 +348,26 @@ def test_kill_9_during_upload_leaves_no_orphans(
     d2 = _restart(d, clean_stack, env)
     try:
         # After the restart's login, nothing is left open on the CDN, in the journal or on disk.
-        assert _wait(lambda: all(u["Key"] != f"{name}.big" for u in _uploads_on_cdn(clean_stack, FOLDER)), 30)
-        assert _wait(lambda: not any((d2.state_dir / "uploads").glob("*.json")), 30)
+        assert wait_until(lambda: all(u["Key"] != f"{name}.big" for u in _uploads_on_cdn(clean_stack, FOLDER)), 30)
+        assert wait_until(lambda: not any((d2.state_dir / "uploads").glob("*.json")), 30)
         assert not _temp_files(d2.state_dir)
-        # This host loads the old resource (its cache entry belongs to the old small part).
-        reply = _load_inline(d2, name)
-        if "result" in reply:
-            got = base64.b64decode(reply["result"]["data"])
-            assert got == old, "the load gave neither the old nor the new resource"
-        else:
-            assert kind(reply) in ("stale", "integrity"), reply
+        # Every host loads the old resource or is told `stale`, never other bytes: this one
+        # (whose cache may hold either big part) and another with an empty cache.
+        other = azaiond_factory(name="otherhost", config_writer=clean_stack.write_config, env=env)
+        assert wait_until(lambda: ok(other.call("status"))["authenticated"] is True)
+        outcomes = []
+        for host in (d2, other):
+            reply = _load_inline(host, name)
+            if "result" in reply:
+                got = base64.b64decode(reply["result"]["data"])
+                assert got == old, "the load gave other bytes than the old resource"
+                outcomes.append("old")
+            else:
+                assert kind(reply) == "stale", reply
+                outcomes.append("stale")
+        if step == "streaming":  # the new big part never completed: the old one is whole
+            assert outcomes == ["old", "old"]
+        other.stop()
     finally:
         d2.stop()
 
@@ -397,22 +375,12 @@ def test_kill_9_during_upload_leaves_no_orphans(
 # ---- the state dir's own disk ----------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 def test_full_and_read_only_state_dir(
     clean_stack: DevStack, azaiond_factory: Factory, tmp_path: Path, short_tmp: Path
 ) -> None:
     clean_stack.ensure_bucket(FOLDER)
     mnt = tmp_path / "mnt"
-    with _tmpfs(mnt, "2m"):
+    with tmpfs(mnt, "2m"):
         state = mnt / "state"
 
         def writer(path: Path, state_dir: Path, socket_path: Path, **overrides: Any) -> None:

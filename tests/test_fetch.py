@@ -12,7 +12,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,31 +22,25 @@ from azaiond.cdn import Cdn, CdnSettings, ObjectInfo
 from azaiond.errors import Cancelled, CdnError, StorageError
 from azaiond.fetch import DownloadReader, Fetcher
 from azaiond.partial import Extents, sweep
-from tests.faultproxy import Fault, FaultProxy, Match, wait_until
+from tests.faultproxy import Fault, FaultProxy, Match
 from tests.support.devstack import DevStack
+from tests.support.polling import wait_until
 
 R = 64 * 1024  # range size of these tests
 KEY = "obj.big"
 
 
 @pytest.fixture
-def proxy(clean_stack: DevStack) -> Iterator[FaultProxy]:
-    host, port = clean_stack.s3_url.removeprefix("http://").split(":")
-    with FaultProxy(host, int(port)) as p:
-        yield p
-
-
-@pytest.fixture
-def cdn(clean_stack: DevStack, proxy: FaultProxy) -> Cdn:
+def cdn(clean_stack: DevStack, s3_proxy: FaultProxy) -> Cdn:
     """The daemon's CDN client, reaching moto through the fault proxy, no botocore retries."""
-    return Cdn(CdnSettings.from_yaml(clean_stack.cdn_yaml()), endpoint=proxy.url, retries=0)
+    return Cdn(CdnSettings.from_yaml(clean_stack.cdn_yaml()), endpoint=s3_proxy.url, retries=0)
 
 
 def put(stack: DevStack, bucket: str, data: bytes) -> None:
     stack.s3_admin_client().put_object(Bucket=bucket, Key=KEY, Body=data)
 
 
-def gets(proxy: FaultProxy, bucket: str) -> Match:
+def gets(s3_proxy: FaultProxy, bucket: str) -> Match:
     return Match(method="GET", path_prefix=f"/{bucket}/{KEY}")
 
 
@@ -104,7 +98,7 @@ def test_extents_merge_and_gaps() -> None:
 
 @pytest.mark.parametrize("size", [1, R - 1, R, R + 1, 2 * R, 3 * R - 1, 5 * R + 17])
 def test_parallel_ranges_give_the_exact_bytes(
-    clean_stack: DevStack, bucket: str, cdn: Cdn, proxy: FaultProxy, tmp_path: Path, size: int
+    clean_stack: DevStack, bucket: str, cdn: Cdn, s3_proxy: FaultProxy, tmp_path: Path, size: int
 ) -> None:
     data = os.urandom(size)
     put(clean_stack, bucket, data)
@@ -113,26 +107,26 @@ def test_parallel_ranges_give_the_exact_bytes(
     got = fetch(fetcher, cdn, bucket, dest)
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
     assert dest.read_bytes() == data
-    assert proxy.count("GET", f"/{bucket}/{KEY}") == -(-size // R)  # one GET per range, none twice
+    assert s3_proxy.count("GET", f"/{bucket}/{KEY}") == -(-size // R)  # one GET per range, none twice
     assert leftovers(tmp_path / "partial") == []  # renamed into the cache, record gone
 
 
 def test_tail_is_readable_before_the_middle(
-    clean_stack: DevStack, bucket: str, cdn: Cdn, proxy: FaultProxy, tmp_path: Path
+    clean_stack: DevStack, bucket: str, cdn: Cdn, s3_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     # The last range is fetched second, so a v1 load can vet the padding early. With one
     # worker and the third GET held, the tail is there while the middle is not.
     data = os.urandom(4 * R)
     put(clean_stack, bucket, data)
-    proxy.set(Fault.passthrough(), gets(proxy, bucket), times=2)
-    proxy.add(Fault.hang(), gets(proxy, bucket))
+    s3_proxy.set(Fault.passthrough(), gets(s3_proxy, bucket), times=2)
+    s3_proxy.add(Fault.hang(), gets(s3_proxy, bucket))
     fetcher = Fetcher(tmp_path / "partial", range_size=R, parallel=1, retries=1)
     reader = open_at(fetcher, cdn, bucket, tmp_path / "c" / KEY)
     assert reader is not None
     with reader:
         assert reader.pread(4 * R - 32, 32) == data[-32:]
         assert reader.pread(0, 10) == data[:10]
-        proxy.clear()
+        s3_proxy.clear()
         assert read_all(reader) == data
         reader.finish()
 
@@ -141,30 +135,30 @@ def test_tail_is_readable_before_the_middle(
 
 
 def test_cut_range_resumes_from_the_byte_where_it_stopped(
-    clean_stack: DevStack, bucket: str, cdn: Cdn, proxy: FaultProxy, tmp_path: Path
+    clean_stack: DevStack, bucket: str, cdn: Cdn, s3_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     size = 6 * R
     data = os.urandom(size)
     put(clean_stack, bucket, data)
-    proxy.set(Fault.cut(after=R // 3), gets(proxy, bucket), times=2)
+    s3_proxy.set(Fault.cut(after=R // 3), gets(s3_proxy, bucket), times=2)
     fetcher = Fetcher(tmp_path / "partial", range_size=R, parallel=2, retries=2)
     got = fetch(fetcher, cdn, bucket, tmp_path / "c" / KEY)
     assert got == data
-    assert proxy.faulted == 2
+    assert s3_proxy.faulted == 2
     # 6 ranges plus one retry for each cut one; the retries ask only for what was missing.
-    assert proxy.count("GET", f"/{bucket}/{KEY}") == 8
-    assert proxy.bytes_down < size + 8 * 1024  # the object once, plus response heads
+    assert s3_proxy.count("GET", f"/{bucket}/{KEY}") == 8
+    assert s3_proxy.bytes_down < size + 8 * 1024  # the object once, plus response heads
 
 
 def test_failed_download_resumes_from_its_partial_file(
-    clean_stack: DevStack, bucket: str, cdn: Cdn, proxy: FaultProxy, tmp_path: Path
+    clean_stack: DevStack, bucket: str, cdn: Cdn, s3_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     size = 10 * R
     data = os.urandom(size)
     put(clean_stack, bucket, data)
     # Six ranges arrive, then every GET is answered 503: the download fails as `cdn`.
-    proxy.set(Fault.passthrough(), gets(proxy, bucket), times=6)
-    proxy.add(Fault.answer(503), gets(proxy, bucket))
+    s3_proxy.set(Fault.passthrough(), gets(s3_proxy, bucket), times=6)
+    s3_proxy.add(Fault.answer(503), gets(s3_proxy, bucket))
     root = tmp_path / "partial"
     with pytest.raises(CdnError):
         fetch(Fetcher(root, range_size=R, parallel=2, retries=1), cdn, bucket, tmp_path / "c" / KEY)
@@ -172,48 +166,48 @@ def test_failed_download_resumes_from_its_partial_file(
     have = Extents([tuple(s) for s in record["extents"]]).total()
     assert have >= 6 * R
     assert not (tmp_path / "c" / KEY).exists()  # nothing half-written is in the cache
-    first = proxy.bytes_down
-    proxy.clear()
+    first = s3_proxy.bytes_down
+    s3_proxy.clear()
     # A new fetcher (as after a restart) fetches only what the record lacks.
     got = fetch(Fetcher(root, range_size=R, parallel=2, retries=1), cdn, bucket, tmp_path / "c" / KEY)
     assert got == data
-    assert proxy.bytes_down - first < size - have + 16 * 1024
-    assert proxy.bytes_down < 1.1 * size
+    assert s3_proxy.bytes_down - first < size - have + 16 * 1024
+    assert s3_proxy.bytes_down < 1.1 * size
 
 
 def test_changed_object_starts_over(
-    clean_stack: DevStack, bucket: str, cdn: Cdn, proxy: FaultProxy, tmp_path: Path
+    clean_stack: DevStack, bucket: str, cdn: Cdn, s3_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     old, new = os.urandom(8 * R), os.urandom(8 * R + 5)
     put(clean_stack, bucket, old)
-    proxy.set(Fault.passthrough(), gets(proxy, bucket), times=4)
-    proxy.add(Fault.answer(503), gets(proxy, bucket))
+    s3_proxy.set(Fault.passthrough(), gets(s3_proxy, bucket), times=4)
+    s3_proxy.add(Fault.answer(503), gets(s3_proxy, bucket))
     root = tmp_path / "partial"
     with pytest.raises(CdnError):
         fetch(Fetcher(root, range_size=R, parallel=2, retries=0), cdn, bucket, tmp_path / "c" / KEY)
     assert (root / bucket / f"{KEY}.part.json").exists()
-    proxy.clear()
+    s3_proxy.clear()
     put(clean_stack, bucket, new)  # another ETag and size: the partial file is worthless
-    before = proxy.bytes_down
+    before = s3_proxy.bytes_down
     got = fetch(Fetcher(root, range_size=R, parallel=2, retries=0), cdn, bucket, tmp_path / "c" / KEY)
     assert got == new
-    assert proxy.bytes_down - before >= len(new)  # all of it fetched again
+    assert s3_proxy.bytes_down - before >= len(new)  # all of it fetched again
 
 
 def test_object_changing_mid_download_is_cdn_and_leaves_nothing(
-    clean_stack: DevStack, bucket: str, cdn: Cdn, proxy: FaultProxy, tmp_path: Path
+    clean_stack: DevStack, bucket: str, cdn: Cdn, s3_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     put(clean_stack, bucket, os.urandom(4 * R))
-    proxy.set(Fault.passthrough(), gets(proxy, bucket), times=1)
-    proxy.add(Fault.hang(), gets(proxy, bucket), times=1)
+    s3_proxy.set(Fault.passthrough(), gets(s3_proxy, bucket), times=1)
+    s3_proxy.add(Fault.hang(), gets(s3_proxy, bucket), times=1)
     root = tmp_path / "partial"
     fetcher = Fetcher(root, range_size=R, parallel=1, retries=2)
     reader = open_at(fetcher, cdn, bucket, tmp_path / "c" / KEY)
     assert reader is not None
     with reader:
-        assert wait_until(lambda: proxy.count("GET", f"/{bucket}/{KEY}") == 2)
+        assert wait_until(lambda: s3_proxy.count("GET", f"/{bucket}/{KEY}") == 2)
         put(clean_stack, bucket, os.urandom(4 * R))  # the retry's If-Match now fails
-        proxy.drop_connections()
+        s3_proxy.drop_connections()
         with pytest.raises(CdnError) as err:
             read_all(reader)
         assert "changed" in err.value.message
@@ -221,7 +215,7 @@ def test_object_changing_mid_download_is_cdn_and_leaves_nothing(
 
 
 def test_untrusted_records_mean_starting_over(
-    clean_stack: DevStack, bucket: str, cdn: Cdn, proxy: FaultProxy, tmp_path: Path
+    clean_stack: DevStack, bucket: str, cdn: Cdn, s3_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     data = os.urandom(3 * R)
     put(clean_stack, bucket, data)
@@ -246,7 +240,7 @@ def test_untrusted_records_mean_starting_over(
 
 
 def test_a_complete_partial_file_is_committed_without_a_get(
-    clean_stack: DevStack, bucket: str, cdn: Cdn, proxy: FaultProxy, tmp_path: Path
+    clean_stack: DevStack, bucket: str, cdn: Cdn, s3_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     # A crash after the last checkpoint but before the rename leaves a complete partial file.
     data = os.urandom(3 * R + 1)
@@ -259,7 +253,7 @@ def test_a_complete_partial_file_is_committed_without_a_get(
     (root / bucket / f"{KEY}.part.json").write_text(json.dumps(record))
     got = fetch(Fetcher(root, range_size=R, parallel=2, retries=0), cdn, bucket, tmp_path / "c" / KEY)
     assert got == data
-    assert proxy.count("GET", f"/{bucket}/{KEY}") == 0
+    assert s3_proxy.count("GET", f"/{bucket}/{KEY}") == 0
     assert leftovers(root) == []
 
 
@@ -279,7 +273,7 @@ def test_sweep_removes_old_partial_files(tmp_path: Path) -> None:
 
 
 def test_concurrent_readers_share_one_download(
-    clean_stack: DevStack, bucket: str, cdn: Cdn, proxy: FaultProxy, tmp_path: Path
+    clean_stack: DevStack, bucket: str, cdn: Cdn, s3_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     data = os.urandom(7 * R + 3)
     put(clean_stack, bucket, data)
@@ -309,8 +303,8 @@ def test_concurrent_readers_share_one_download(
         t.join(60)
     assert errors == []
     assert results == [data] * 6
-    assert proxy.count("GET", f"/{bucket}/{KEY}") == 8
-    assert proxy.count("HEAD", f"/{bucket}/{KEY}") <= 6
+    assert s3_proxy.count("GET", f"/{bucket}/{KEY}") == 8
+    assert s3_proxy.count("HEAD", f"/{bucket}/{KEY}") <= 6
 
 
 def test_progress_reports_the_cdn_phase(
@@ -334,23 +328,23 @@ def test_progress_reports_the_cdn_phase(
 
 
 def test_cancel_while_waiting_for_bytes(
-    clean_stack: DevStack, bucket: str, cdn: Cdn, proxy: FaultProxy, tmp_path: Path
+    clean_stack: DevStack, bucket: str, cdn: Cdn, s3_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     put(clean_stack, bucket, os.urandom(4 * R))
-    proxy.set(Fault.passthrough(), gets(proxy, bucket), times=1)
-    proxy.add(Fault.hang(), gets(proxy, bucket), times=1)
+    s3_proxy.set(Fault.passthrough(), gets(s3_proxy, bucket), times=1)
+    s3_proxy.add(Fault.hang(), gets(s3_proxy, bucket), times=1)
     root = tmp_path / "partial"
     cancel = threading.Event()
     fetcher = Fetcher(root, range_size=R, parallel=1, retries=0)
     reader = open_at(fetcher, cdn, bucket, tmp_path / "c" / KEY, cancel=cancel)
     assert reader is not None
     with reader:
-        assert wait_until(lambda: proxy.count("GET", f"/{bucket}/{KEY}") == 2)
+        assert wait_until(lambda: s3_proxy.count("GET", f"/{bucket}/{KEY}") == 2)
         threading.Timer(0.2, cancel.set).start()
         with pytest.raises(Cancelled):
             read_all(reader)
     # The last reader left: the download stops, keeps what it has, and frees the path.
-    proxy.drop_connections()
+    s3_proxy.drop_connections()
     fetcher.close(timeout=10)
     record = json.loads((root / bucket / f"{KEY}.part.json").read_text())
     assert record["extents"] == [[0, R]]
@@ -379,7 +373,7 @@ def test_head_exposes_size_etag_and_metadata(clean_stack: DevStack, bucket: str,
 
 
 def test_check_sees_the_head_before_any_byte(
-    clean_stack: DevStack, bucket: str, cdn: Cdn, proxy: FaultProxy, tmp_path: Path
+    clean_stack: DevStack, bucket: str, cdn: Cdn, s3_proxy: FaultProxy, tmp_path: Path
 ) -> None:
     put(clean_stack, bucket, os.urandom(R))
 
@@ -393,4 +387,4 @@ def test_check_sees_the_head_before_any_byte(
     with pytest.raises(Refused):
         open_at(Fetcher(tmp_path / "p", range_size=R, parallel=1, retries=0), cdn, bucket, tmp_path / "c" / KEY,
                 check=check_fn)
-    assert proxy.count("GET", f"/{bucket}/{KEY}") == 0
+    assert s3_proxy.count("GET", f"/{bucket}/{KEY}") == 0

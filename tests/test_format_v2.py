@@ -21,22 +21,12 @@ import pytest
 
 from tests.fixtures_daemon import DaemonHandle
 from tests.support.devstack import DevStack
+from tests.support.replies import kind, ok
 
 FOLDER = "v2-models"
 C = 4096
 STEP = C + 16
 Factory = Callable[..., DaemonHandle]
-
-
-def ok(reply: dict[str, Any]) -> dict[str, Any]:
-    assert "error" not in reply, reply
-    result: dict[str, Any] = reply["result"]
-    return result
-
-
-def kind(reply: dict[str, Any]) -> str:
-    assert "result" not in reply, reply
-    return str(reply["error"]["data"]["kind"])
 
 
 @pytest.fixture

@@ -22,9 +22,11 @@ from azaiond.errors import ALL_ERRORS, ERROR_BY_KIND, AzaionError
 from tests.faultproxy import Fault, Match
 from tests.fixtures_daemon import DaemonHandle
 from tests.support.devstack import DevStack
-from tests.test_faults import FAST, FOLDER, _proxy, _tmpfs, ok
+from tests.support.faultkit import FAST, start_proxy, tmpfs
+from tests.support.replies import ok
 
 CLI = [sys.executable, "-m", "azaiond.cli.main"]
+FOLDER = "kinds-models"
 Factory = Callable[..., DaemonHandle]
 
 
@@ -51,11 +53,11 @@ def test_every_kind_has_code_and_exit_status() -> None:
 
 def test_kinds_through_the_cli(clean_stack: DevStack, azaiond_factory: Factory, tmp_path: Path) -> None:
     clean_stack.ensure_bucket(FOLDER)
-    api, cdn = _proxy(clean_stack.api_url), _proxy(clean_stack.s3_url)
+    api, cdn = start_proxy(clean_stack.api_url), start_proxy(clean_stack.s3_url)
     mnt = tmp_path / "mnt"
     seen: set[str] = set()
     try:
-        with _tmpfs(mnt, "16m"):
+        with tmpfs(mnt, "16m"):
             state = mnt / "state"
 
             def writer(path: Path, state_dir: Path, socket_path: Path, **overrides: Any) -> None:

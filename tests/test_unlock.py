@@ -17,37 +17,37 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from azaiond import crypto, wiring
+from azaiond import crypto
 from azaiond.apiclient import Credentials
-from azaiond.config import ApiConfig, Config, DockerConfig, UnlockConfig
 from azaiond.errors import IntegrityError
 from azaiond.images import DockerImages
 from azaiond.seal import archive_key, seal
-from azaiond.unlock import RUNNING, UnlockJob, decrypted_tar
+from azaiond.unlock import RUNNING, decrypted_tar
 from tests.fixtures_daemon import DaemonHandle
 from tests.fixtures_docker import build_image, save_images
+from tests.fixtures_unlock import (
+    BIG_NAME,
+    EMAIL,
+    FRAGMENT,
+    IMAGE,
+    NAME,
+    PASSWORD,
+    Harness,
+    daemon_result,
+    wait_daemon,
+)
 from tests.support.devdocker import Dockerd
-from tests.support.refserver import RefServer, User
+from tests.support.refserver import RefServer
 
 pytestmark = pytest.mark.docker
 
 PROGRAMS = Path(__file__).parent / "programs"
-
-EMAIL = "unlock@example.com"
-PASSWORD = "unlock-" + secrets.token_hex(8)
-FRAGMENT = secrets.token_bytes(32)
-TAG = f"u{secrets.token_hex(3)}"
-IMAGE = f"azaion/unlocktest-{TAG}:{{version}}"
-VERSION = "1"
-NAME = IMAGE.replace("{version}", VERSION)
-BIG_NAME = f"azaion/unlockbig-{TAG}:{VERSION}"
-CREDS = Credentials(EMAIL, PASSWORD)
 
 
 @dataclass
@@ -56,21 +56,6 @@ class Sealed:
     image_id: str
     tar: Path
     enc: Path
-
-
-@pytest.fixture(scope="module")
-def ref() -> Iterator[RefServer]:
-    with RefServer([User(EMAIL, PASSWORD, "Operator")], key_fragment=FRAGMENT) as srv:
-        yield srv
-
-
-@pytest.fixture
-def api_server(ref: RefServer) -> Iterator[RefServer]:
-    ref.reset_switches()
-    ref.set_key_fragment(FRAGMENT)
-    yield ref
-    ref.reset_switches()
-    ref.set_key_fragment(FRAGMENT)
 
 
 def _seal_image(engine: Dockerd, name: str, workdir: Path, random_size: int) -> Sealed:
@@ -100,71 +85,6 @@ def _no_test_images(dockerd: Dockerd) -> Iterator[None]:
     dockerd.remove_images(NAME, BIG_NAME)
     yield
     dockerd.remove_images(NAME, BIG_NAME)
-
-
-@dataclass
-class Harness:
-    services: wiring.Services
-    config: Config
-    lines: list[str] = field(default_factory=list)
-
-    @property
-    def job(self) -> UnlockJob:
-        return self.services.unlock
-
-    def wait(self, timeout: float = 120) -> dict[str, object]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            status = self.job.status()
-            if status["state"] not in RUNNING:
-                return status
-            time.sleep(0.02)
-        raise AssertionError(f"unlock still running after {timeout}s: {self.job.status()}")
-
-    def run(self, credentials: Credentials | None = None) -> dict[str, object]:
-        reply = self.job.start(credentials)
-        assert reply["state"] in RUNNING
-        return self.wait()
-
-
-def make_config(
-    state_dir: Path, api_url: str, docker_url: str, archive: Path, images: tuple[str, ...] = (IMAGE,)
-) -> Config:
-    return Config(
-        api=ApiConfig(url=api_url, retries=3, timeout=10, backoff=0.01),
-        state_dir=state_dir,
-        hardware="CPU: test. GPU: none. Memory: 1 kB. DriveSerial: x.",
-        unlock=UnlockConfig(archive=archive, version=VERSION, images=images),
-        docker=DockerConfig(base_url=docker_url, timeout=600),
-    )
-
-
-@pytest.fixture
-def harness(
-    tmp_path: Path, api_server: RefServer, dockerd: Dockerd
-) -> Iterator[Callable[..., Harness]]:
-    made: list[Harness] = []
-
-    def make(
-        archive: Path,
-        *,
-        images: tuple[str, ...] = (IMAGE,),
-        docker_url: str | None = None,
-        fallback: Credentials | None = CREDS,
-    ) -> Harness:
-        config = make_config(tmp_path / "state", api_server.url, docker_url or dockerd.url, archive, images)
-        lines: list[str] = []
-        # This Resource API serves no cdn.yaml: an unlock that reached for the CDN would fail.
-        services = wiring.build_services(
-            config, wiring.Overrides(login_credentials=lambda: fallback), status_line=lines.append
-        )
-        h = Harness(services, config, lines)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.services.close()
 
 
 def _error_kind(status: dict[str, object]) -> object:
@@ -531,64 +451,26 @@ def test_kill_9_mid_unlock_then_unlock_again(
 # -- through the daemon (a separate process, JSON-RPC on its socket) ---------------------------
 
 
-@pytest.fixture
-def unlockd(
-    azaiond_factory: Callable[..., DaemonHandle], api_server: RefServer, dockerd: Dockerd, tmp_path: Path
-) -> Callable[..., DaemonHandle]:
-    """Start (or restart: same name, same state dir) a daemon set up to unlock ``archive``."""
-    creds = tmp_path / "credentials"
-    creds.mkdir()
-    (creds / "login").write_text(f"email: {EMAIL}\npassword: {PASSWORD}\n")
-    creds.chmod(0o700)
-
-    def start(archive: Path, images: tuple[str, ...] = (IMAGE,), docker_url: str | None = None) -> DaemonHandle:
-        overrides = {
-            "api": {"url": api_server.url, "retries": 3, "backoff": 0.01},
-            "unlock": {"archive": str(archive), "version": VERSION, "images": list(images)},
-            "docker": {"base_url": docker_url or dockerd.url},
-        }
-        return azaiond_factory(name="unlockd", overrides=overrides, env={"CREDENTIALS_DIRECTORY": str(creds)})
-
-    return start
-
-
-def _result(reply: dict[str, object]) -> dict[str, object]:
-    assert "result" in reply, reply
-    result = reply["result"]
-    assert isinstance(result, dict)
-    return result
-
-
-def _wait_daemon(d: DaemonHandle, timeout: float = 120) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = _result(d.call("unlock_status"))
-        if status["state"] not in RUNNING:
-            return status
-        time.sleep(0.02)
-    raise AssertionError(f"unlock still running after {timeout}s")
-
-
 def test_daemon_unlock_happy_path_and_status_after_restart(
     unlockd: Callable[..., DaemonHandle], sealed: Sealed, dockerd: Dockerd, api_server: RefServer
 ) -> None:
     before = dockerd.all_images()
     d = unlockd(sealed.enc)
-    assert _result(d.call("unlock"))["state"] in RUNNING
-    assert _wait_daemon(d) == {"state": "ready", "error": None, "progress": None}
+    assert daemon_result(d.call("unlock"))["state"] in RUNNING
+    assert wait_daemon(d) == {"state": "ready", "error": None, "progress": None}
     assert dockerd.cli("image", "inspect", "--format", "{{.Id}}", sealed.name).strip() == sealed.image_id
     assert dockerd.all_images() - before == {sealed.image_id}
-    assert _result(d.call("status"))["unlock"] == {"state": "ready", "error": None, "progress": None}
+    assert daemon_result(d.call("status"))["unlock"] == {"state": "ready", "error": None, "progress": None}
 
-    assert _result(d.call("unlock"))["state"] in {*RUNNING, "ready"}
-    assert _wait_daemon(d)["state"] == "ready"
+    assert daemon_result(d.call("unlock"))["state"] in {*RUNNING, "ready"}
+    assert wait_daemon(d)["state"] == "ready"
     assert api_server.calls("/binary-split/key-fragment") == 1
     d.stop()
     for secret in (PASSWORD, FRAGMENT.hex()):
         assert secret not in d.log_text()
 
     again = unlockd(sealed.enc)  # same state dir: the outcome survived the restart
-    assert _result(again.call("unlock_status")) == {"state": "ready", "error": None, "progress": None}
+    assert daemon_result(again.call("unlock_status")) == {"state": "ready", "error": None, "progress": None}
 
 
 def test_daemon_ten_concurrent_unlock_calls_start_one_job(
@@ -597,7 +479,7 @@ def test_daemon_ten_concurrent_unlock_calls_start_one_job(
     d = unlockd(sealed.enc)
     # The daemon logs in with its credential once it serves; count the job's logins after that.
     deadline = time.monotonic() + 20
-    while not _result(d.call("status"))["authenticated"] and time.monotonic() < deadline:
+    while not daemon_result(d.call("status"))["authenticated"] and time.monotonic() < deadline:
         time.sleep(0.05)
     logins = api_server.calls("/login")
     barrier = threading.Barrier(10)
@@ -605,7 +487,7 @@ def test_daemon_ten_concurrent_unlock_calls_start_one_job(
 
     def call() -> None:
         barrier.wait()
-        states.append(_result(d.call("unlock"))["state"])
+        states.append(daemon_result(d.call("unlock"))["state"])
 
     threads = [threading.Thread(target=call) for _ in range(10)]
     for t in threads:
@@ -613,7 +495,7 @@ def test_daemon_ten_concurrent_unlock_calls_start_one_job(
     for t in threads:
         t.join()
     assert len(states) == 10
-    assert _wait_daemon(d)["state"] == "ready"
+    assert wait_daemon(d)["state"] == "ready"
     assert api_server.calls("/binary-split/key-fragment") == 1
     assert api_server.calls("/login") == logins + 1  # one job, one login
 
@@ -625,15 +507,15 @@ def test_daemon_reports_integrity_and_docker_errors(
     api_server.set_key_fragment(secrets.token_bytes(32))
     d = unlockd(sealed.enc)
     d.call("unlock")
-    status = _wait_daemon(d)
+    status = wait_daemon(d)
     assert status["state"] == "error" and _error_kind(status) == "integrity"
     assert dockerd.all_images() == before
     d.stop()
 
     dead = unlockd(sealed.enc, docker_url=f"unix://{tmp_path}/dead.sock")
-    assert _result(dead.call("unlock_status"))["error"] == status["error"]  # persisted until a new run
+    assert daemon_result(dead.call("unlock_status"))["error"] == status["error"]  # persisted until a new run
     dead.call("unlock")
-    status = _wait_daemon(dead)
+    status = wait_daemon(dead)
     assert status["state"] == "error" and _error_kind(status) == "docker"
     assert "is not reachable: is docker.service running?" in str(status["error"])
 
@@ -645,7 +527,7 @@ def test_daemon_kill_9_mid_unlock_then_unlock_again(
     d = unlockd(sealed_big.enc, images=(BIG_NAME,))
     d.call("unlock")
     while True:
-        status = _result(d.call("unlock_status"))
+        status = daemon_result(d.call("unlock_status"))
         progress = status["progress"]
         if status["state"] == "decrypting" and isinstance(progress, dict) and progress["done"] > 0:
             break
@@ -657,10 +539,10 @@ def test_daemon_kill_9_mid_unlock_then_unlock_again(
     assert dockerd.all_images() == before
 
     again = unlockd(sealed_big.enc, images=(BIG_NAME,))
-    status = _result(again.call("unlock_status"))
+    status = daemon_result(again.call("unlock_status"))
     assert status["state"] == "idle" and _error_kind(status) == "interrupted"
     again.call("unlock")
-    assert _wait_daemon(again)["state"] == "ready"
+    assert wait_daemon(again)["state"] == "ready"
     assert dockerd.cli("image", "inspect", "--format", "{{.Id}}", BIG_NAME).strip() == sealed_big.image_id
     assert dockerd.all_images() - before == {sealed_big.image_id}
     assert dockerd.cli("images", "-q", "--filter", "dangling=true") == ""

@@ -1,7 +1,7 @@
 """Unlock of format v2 archives, and unlock touching only ``unlock.images``, against a real dockerd.
 
 The job runs in-process with the real reference Resource API and the real engine, through the
-harness of test_unlock.py.
+harness of fixtures_unlock.py.
 """
 
 from __future__ import annotations
@@ -19,14 +19,10 @@ from azaiond import archives, sealed
 from azaiond.errors import IntegrityError, UnwantedImages
 from azaiond.seal import ChunkReader, archive_key, seal
 from azaiond.tarcheck import TarWatch
-from tests import test_unlock as base
 from tests.fixtures_daemon import DaemonHandle
 from tests.fixtures_docker import build_image, save_images
+from tests.fixtures_unlock import FRAGMENT, VERSION, Harness, wait_daemon
 from tests.support.devdocker import Dockerd
-from tests.test_unlock import FRAGMENT, VERSION, Harness
-
-# The reference API and the in-process job harness of test_unlock.py, as fixtures here too.
-ref, api_server, harness, unlockd = base.ref, base.api_server, base.harness, base.unlockd
 
 pytestmark = pytest.mark.docker
 
@@ -195,7 +191,7 @@ def test_daemon_refuses_an_extra_tag_then_unlocks_the_v2_archive(
         before = dockerd.all_images()
         d = unlockd(enc, images=(WANTED,))
         assert "result" in d.call("unlock")
-        status = base._wait_daemon(d)
+        status = wait_daemon(d)
         error = status["error"]
         assert status["state"] == "error" and isinstance(error, dict), status
         assert error["kind"] == "integrity" and VICTIM in error["message"]
@@ -206,7 +202,7 @@ def test_daemon_refuses_an_extra_tag_then_unlocks_the_v2_archive(
         seal_v2(tar, enc, chunk_log2=20)
         d = unlockd(enc, images=(WANTED,))
         d.call("unlock")
-        assert base._wait_daemon(d)["state"] == "ready"
+        assert wait_daemon(d)["state"] == "ready"
         assert image_id(dockerd, WANTED_NAME) == want_id
         assert image_id(dockerd, VICTIM) == victim_id
     finally:

@@ -18,14 +18,9 @@ import pytest
 
 from tests.fixtures_daemon import DaemonHandle
 from tests.support.devstack import DevStack
+from tests.support.replies import ok
 
 FOLDER = "size-models"
-
-
-def ok(reply: dict[str, Any]) -> dict[str, Any]:
-    assert "error" not in reply, reply
-    result: dict[str, Any] = reply["result"]
-    return result
 
 
 def invalid(reply: dict[str, Any]) -> str:
