@@ -37,6 +37,7 @@ class Account:
 
     def login(self, credentials: Credentials | None = None) -> User:
         user = self.api.login(credentials)
+        log.info("logged in to the Resource API (role %s)", user.role, extra={"fields": {"event": "login"}})
         with self._lock:
             self._cdn = None  # another user may have other CDN keys
         for listener in self.on_login:
@@ -46,6 +47,11 @@ class Account:
 
     def logout(self) -> None:
         self.api.logout()
+        self.forget_cdn()
+
+    def forget_cdn(self) -> None:
+        """Build the CDN clients anew on next use (new settings after a reload); calls in
+        flight keep the clients they hold."""
         with self._lock:
             self._cdn = None
 

@@ -167,6 +167,23 @@ class ResourceApi:
         """Replace the snapshot; called with the lock held, after every change of state."""
         self._snap = _Snapshot(self._token, self._credentials is not None and self._verified)
 
+    def set_limits(
+        self, *, retries: int, timeout: float, backoff: float, deadline: float,
+        login_backoff: float, login_backoff_max: float,
+    ) -> None:
+        """New retry, timeout and backoff settings (a live reload); requests already running
+        keep theirs. Plain attribute stores: each is read once per attempt."""
+        self._retries, self._timeout, self._backoff, self._deadline = retries, timeout, backoff, deadline
+        self._login_backoff, self._login_backoff_max = login_backoff, login_backoff_max
+
+    @property
+    def token_expires_at(self) -> float | None:
+        """The held token's expiry (Unix time), or None without one; for metrics and doctor.
+
+        Read from the snapshot: never waits for a login in progress."""
+        token = self._snap.token
+        return token.exp if token else None
+
     @property
     def user(self) -> User | None:
         token = self._snap.token

@@ -30,6 +30,7 @@ from azaiond.cdn_upload import GrowingFileUpload
 from azaiond.errors import AzaionError, CdnError, NotFound, UpstreamError
 from azaiond.names import check_bucket, check_name
 from azaiond.transport import BotoSender
+from azaiond.urls import UrlProblem, check_url
 
 # What a transfer may raise besides our own errors: all of it means the CDN failed.
 _TRANSFER_ERRORS = (
@@ -131,8 +132,15 @@ def botocore_config(retries: int, timeout: float = 60.0) -> botocore.config.Conf
     return botocore.config.Config(**options)
 
 
-def _endpoint(host: str) -> str:
-    return host if host.startswith(("http://", "https://")) else f"https://{host}"
+def endpoint_for(host: str, *, allow_insecure_http: bool = False) -> str:
+    """The endpoint URL for cdn.yaml's ``host``: https unless it says otherwise, and a plain
+    http:// one only to a loopback host or with ``allow_insecure_http`` (the read and write
+    keys sign every request, and the plaintext of uploads would cross the network in clear)."""
+    url = host if "://" in host else f"https://{host}"
+    try:
+        return check_url(url, allow_insecure_http=allow_insecure_http)
+    except UrlProblem as exc:
+        raise CdnError(f"the CDN host in cdn.yaml from the Resource API is refused: it {exc}") from exc
 
 
 class RangeReader:
@@ -167,9 +175,11 @@ class Cdn:
         deadline: float = 300.0,
         session: boto3.session.Session | None = None,
         on_writer: Callable[[Any], None] = lambda client: None,
+        allow_insecure_http: bool = False,
     ) -> None:
+        # The configured endpoint was checked with the config; cdn.yaml's host is checked here.
+        self.endpoint = endpoint or endpoint_for(settings.host, allow_insecure_http=allow_insecure_http)
         session = session or boto3.session.Session()
-        self.endpoint = endpoint or _endpoint(settings.host)
         config = botocore_config(retries, timeout)
         common: dict[str, Any] = {"endpoint_url": self.endpoint, "region_name": "us-east-1", "config": config}
         self._reader = session.client(

@@ -1,9 +1,10 @@
 """The JSON-RPC client for azaiond's Unix socket (docs/protocol.md).
 
 One request is one line of JSON; a request may carry one file descriptor (SCM_RIGHTS), sent
-with the first bytes of that request. The client keeps its connection for many calls (polling
-``unlock_status`` should not reconnect every half second) and reconnects lazily after the
-daemon closed it.
+with the first bytes of that request, and a reply may carry descriptors back the same way
+(``load`` with ``memfd``: a sealed memory file holding the plaintext). The client keeps its
+connection for many calls (polling ``unlock_status`` should not reconnect every half second)
+and reconnects lazily after the daemon closed it.
 
 This module talks only the wire protocol: it must not import the daemon side (``azaiond.rpc``,
 services). It imports ``azaiond.errors`` so a daemon's error reply can be caught as the same
@@ -12,15 +13,20 @@ class the daemon raised, e.g. ``except NotAuthenticated``.
 
 from __future__ import annotations
 
+import array
+import base64
+import contextlib
 import errno
 import json
+import mmap
 import os
 import socket
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Required, Self, TypedDict, cast
 
 from azaiond.errors import ALL_ERRORS, AzaionError, InvalidParams
 
@@ -30,6 +36,9 @@ SOCKET_ENV = "AZAIOND_SOCKET"
 # A reply may carry inline data (base64 of up to inline_limit_mb, 16 MiB by default); far more
 # than that means a confused peer, and reading on would only eat memory.
 MAX_REPLY_BYTES = 256 * 1024 * 1024
+
+_FD_SIZE = array.array("i").itemsize
+_ANC_SIZE = socket.CMSG_SPACE(16 * _FD_SIZE)  # a reply carries one descriptor today; room for more
 
 # Kind strings for the standard JSON-RPC codes, used when a reply carries no data.kind.
 STANDARD_KINDS: dict[int, str] = {
@@ -200,8 +209,9 @@ class Client:
         self._sock: socket.socket | None = None
         self._buffer = bytearray()
         self._next_id = 1
+        self._fds: list[int] = []  # descriptors received with the reply being read
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -231,6 +241,13 @@ class Client:
             self._sock.close()
             self._sock = None
         self._buffer.clear()
+        self._drop_fds()
+
+    def _drop_fds(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def call(
         self,
@@ -246,8 +263,35 @@ class Client:
         None while unknown). Long methods report bytes moved; others may report nothing.
 
         Raises RpcError for an error reply, DaemonUnavailable when the socket cannot be reached,
-        ProtocolError when the connection breaks or the reply is malformed.
+        ProtocolError when the connection breaks or the reply is malformed. Descriptors the
+        reply carries are closed: use ``call_with_fds`` for methods that pass some back.
         """
+        try:
+            return self._call(method, params, fd, progress)
+        finally:
+            self._drop_fds()
+
+    def call_with_fds(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        fd: int | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> tuple[dict[str, Any], list[int]]:
+        """Like ``call``, and also return the descriptors the reply carried (the caller owns
+        and must close them; they are close-on-exec)."""
+        try:
+            result = self._call(method, params, fd, progress)
+        except BaseException:
+            self._drop_fds()
+            raise
+        fds, self._fds = self._fds, []
+        return result, fds
+
+    def _call(
+        self, method: str, params: dict[str, Any] | None, fd: int | None, progress: ProgressCallback | None
+    ) -> dict[str, Any]:
+        self._drop_fds()
         self.connect()
         request_id = self._next_id
         self._next_id += 1
@@ -302,7 +346,14 @@ class Client:
             if len(self._buffer) > MAX_REPLY_BYTES:
                 raise ProtocolError("the daemon's reply is too long")
             try:
-                chunk = self._sock.recv(1 << 16)
+                chunk, ancdata, flags, _ = self._sock.recvmsg(1 << 16, _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
+                for level, kind, data in ancdata:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        got = array.array("i")
+                        got.frombytes(data[: len(data) - len(data) % _FD_SIZE])
+                        self._fds.extend(got)
+                if flags & socket.MSG_CTRUNC:
+                    raise ProtocolError("the daemon's reply carried more descriptors than expected")
             except TimeoutError as exc:
                 raise ProtocolError(f"no reply from the daemon within {self.timeout} s") from exc
             except OSError as exc:
@@ -329,3 +380,229 @@ class Client:
             if reply["id"] == request_id or (reply["id"] is None and "error" in reply):
                 return reply
             raise ProtocolError(f"the daemon answered request {reply['id']!r}, expected {request_id}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The typed API: one method per daemon method. These names, parameters and result keys are
+# stable; new keys may appear in results, none disappear.
+
+
+class User(TypedDict):
+    email: str
+    role: str
+
+
+class Progress(TypedDict):
+    done: int
+    total: int
+
+
+class UnlockError(TypedDict):
+    kind: str
+    message: str
+
+
+class UnlockStatus(TypedDict):
+    state: str  # idle, authenticating, downloading_key, decrypting, loading, ready, error
+    error: UnlockError | None
+    progress: Progress | None
+
+
+class Status(TypedDict, total=False):
+    authenticated: Required[bool]
+    user: Required[User | None]
+    cache_dir: Required[str]
+    version: Required[str]
+    unlock: Required[UnlockStatus]
+    cache_bytes: int  # the cache's size as last counted
+    cache_limit_bytes: int  # resources.cache_max_mb in bytes; 0: no limit
+
+
+class Loaded(TypedDict, total=False):
+    size: Required[int]
+    sha256: Required[str]
+    format: int  # 1 or 2 (load only)
+    generation: int  # format 2 only
+    data: str  # base64, only when no descriptor was passed
+    memfd: bool  # True when the plaintext came back as a sealed memfd
+
+
+class Uploaded(TypedDict, total=False):
+    size: Required[int]
+    small_size: int
+    big_size: int
+    format: int
+
+
+class Prefetched(TypedDict):
+    big_size: int
+    cached: bool
+
+
+class CacheEntry(TypedDict):
+    folder: str
+    name: str
+    size: int
+    last_used: float  # Unix time
+
+
+class CacheList(TypedDict):
+    entries: list[CacheEntry]
+    total_bytes: int
+    limit_bytes: int
+
+
+class CacheDropped(TypedDict):
+    dropped: int
+    freed_bytes: int
+
+
+class Metrics(TypedDict, total=False):
+    calls: dict[str, dict[str, int]]
+    bytes: dict[str, int]
+    cache: dict[str, int]
+    gauges: dict[str, float]
+    text: Required[str]  # Prometheus text exposition
+
+
+@dataclass
+class MemoryResource:
+    """A resource's plaintext in a sealed memfd: in memory only, and unchangeable.
+
+    ``fd`` is this process's descriptor (close-on-exec); ``mmap()`` maps it read-only. Close it
+    (or leave the ``with`` block) to let the memory go once every mapping is gone too.
+    """
+
+    fd: int
+    size: int
+    sha256: str
+
+    def mmap(self) -> mmap.mmap:
+        """A read-only mapping of the whole plaintext (an empty resource cannot be mapped)."""
+        return mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ)
+
+    def read(self) -> bytes:
+        """All of it as bytes (a copy: prefer ``mmap`` for big resources)."""
+        return os.pread(self.fd, self.size, 0)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> MemoryResource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _payload(data: bytes | None) -> dict[str, Any]:
+    return {} if data is None else {"data": base64.b64encode(data).decode("ascii")}
+
+
+class AzaionClient(Client):
+    """``Client`` with one typed method per daemon method (the stable API for applications).
+
+    >>> with AzaionClient() as c:
+    ...     with c.load_memory("yolo.bin", "models") as model:
+    ...         weights = model.mmap()
+    """
+
+    def health(self) -> dict[str, str]:
+        return cast("dict[str, str]", self.call("health"))
+
+    def status(self) -> Status:
+        return cast(Status, self.call("status"))
+
+    def login(self, email: str, password: str) -> User:
+        return cast(User, self.call("login", {"email": email, "password": password})["user"])
+
+    def logout(self) -> None:
+        self.call("logout")
+
+    def load(
+        self, name: str, folder: str, *, fd: int | None = None, progress: ProgressCallback | None = None
+    ) -> Loaded:
+        """Into ``fd`` (a writable file or pipe), or inline as base64 ``data`` without one."""
+        return cast(Loaded, self.call("load", {"name": name, "folder": folder}, fd=fd, progress=progress))
+
+    def load_bytes(self, name: str, folder: str) -> bytes:
+        """Inline (up to the daemon's inline limit): the plaintext as bytes."""
+        return base64.b64decode(self.load(name, folder)["data"])
+
+    def load_memory(self, name: str, folder: str) -> MemoryResource:
+        """Into a sealed memfd passed back with the reply; no plaintext on any filesystem."""
+        result, fds = self.call_with_fds("load", {"name": name, "folder": folder, "memfd": True})
+        if len(fds) != 1:
+            for extra in fds:
+                os.close(extra)
+            raise ProtocolError(f"expected one descriptor with the reply, got {len(fds)}")
+        return MemoryResource(fds[0], int(result["size"]), str(result["sha256"]))
+
+    def upload(
+        self,
+        name: str,
+        folder: str,
+        *,
+        fd: int | None = None,
+        data: bytes | None = None,
+        format: int | None = None,
+        size: int | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> Uploaded:
+        """From ``fd`` or ``data``. ``size``: the bytes the daemon must read, or it commits
+        nothing (``invalid_params``); ``format``: 1 or 2, else the daemon's default."""
+        params: dict[str, Any] = {"name": name, "folder": folder, **_payload(data)}
+        if format is not None:
+            params["format"] = format
+        if size is not None:
+            params["size"] = size
+        return cast(Uploaded, self.call("upload", params, fd=fd, progress=progress))
+
+    def prefetch(self, name: str, folder: str, *, progress: ProgressCallback | None = None) -> Prefetched:
+        """Fetch a big part into the cache; no plaintext anywhere."""
+        return cast(Prefetched, self.call("prefetch", {"name": name, "folder": folder}, progress=progress))
+
+    def cache_list(self) -> CacheList:
+        return cast(CacheList, self.call("cache_list"))
+
+    def cache_drop(self, folder: str | None = None, name: str | None = None) -> CacheDropped:
+        """One entry (folder and name), a folder's entries, or all of them (neither)."""
+        params = {k: v for k, v in (("folder", folder), ("name", name)) if v is not None}
+        return cast(CacheDropped, self.call("cache_drop", params or None))
+
+    def api_load(self, name: str, folder: str, *, fd: int | None = None) -> Loaded:
+        """A whole file kept on the Resource API, into ``fd`` or inline."""
+        return cast(Loaded, self.call("api_load", {"name": name, "folder": folder}, fd=fd))
+
+    def api_upload(
+        self, name: str, folder: str, *, fd: int | None = None, data: bytes | None = None, size: int | None = None
+    ) -> Uploaded:
+        """Store bytes as they are on the Resource API as file ``name`` of ``folder``."""
+        params: dict[str, Any] = {"name": name, "folder": folder, **_payload(data)}
+        if size is not None:
+            params["size"] = size
+        return cast(Uploaded, self.call("api_upload", params, fd=fd))
+
+    def cdn_upload(
+        self, bucket: str, key: str, *, fd: int | None = None, data: bytes | None = None, size: int | None = None
+    ) -> Uploaded:
+        params: dict[str, Any] = {"bucket": bucket, "key": key, **_payload(data)}
+        if size is not None:
+            params["size"] = size
+        return cast(Uploaded, self.call("cdn_upload", params, fd=fd))
+
+    def cdn_download(self, bucket: str, key: str, *, fd: int | None = None) -> Loaded:
+        return cast(Loaded, self.call("cdn_download", {"bucket": bucket, "key": key}, fd=fd))
+
+    def unlock(self, email: str | None = None, password: str | None = None) -> str:
+        """Start (or join) an unlock run; its state. Without a login the daemon uses its own."""
+        params = None if email is None else {"email": email, "password": password or ""}
+        return str(self.call("unlock", params)["state"])
+
+    def unlock_status(self) -> UnlockStatus:
+        return cast(UnlockStatus, self.call("unlock_status"))
+
+    def metrics(self) -> Metrics:
+        return cast(Metrics, self.call("metrics"))

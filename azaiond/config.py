@@ -16,6 +16,7 @@ import yaml
 
 from azaiond.errors import ConfigError, InvalidName
 from azaiond.names import check_bucket, check_name
+from azaiond.urls import UrlProblem, check_url
 
 DEFAULT_PATH = Path("/etc/azaiond/config.yaml")
 MIB = 1024 * 1024
@@ -70,6 +71,9 @@ class ResourcesConfig:
     # (folder, name) of resources whose big parts are fetched into the cache once logged in
     prefetch: tuple[tuple[str, str], ...] = ()
     api_max_mb: int = 64  # largest whole-file API resource api_load takes and api_upload buffers
+    # Largest plaintext a load with memfd hands back: its pages count against the daemon's
+    # MemoryMax= until the caller lets go of them.
+    memfd_max_mb: int = 1024
     format: int = 1  # what upload writes when the call does not say: 1 (the seed's) or 2
     # Chunk size of format v2 as a power of two. Publishers write 20 (1 MiB); smaller values
     # exist so tests can cross many chunk boundaries with small resources.
@@ -86,6 +90,10 @@ class ResourcesConfig:
     @property
     def api_max_bytes(self) -> int:
         return self.api_max_mb * MIB
+
+    @property
+    def memfd_max_bytes(self) -> int:
+        return self.memfd_max_mb * MIB
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,13 @@ class DockerConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # node_exporter's textfile collector: the metrics text is written here atomically.
+    textfile: Path | None = None
+    textfile_interval: float = 15.0  # seconds between writes
+
+
+@dataclass(frozen=True)
 class Config:
     api: ApiConfig = ApiConfig()
     socket: SocketConfig = SocketConfig()
@@ -127,7 +142,10 @@ class Config:
     cdn: CdnConfig = CdnConfig()
     unlock: UnlockConfig = UnlockConfig()
     docker: DockerConfig = DockerConfig()
+    metrics: MetricsConfig = MetricsConfig()
     log_level: str = "info"
+    # Plain http:// to a host other than this one; logged at warning on every start.
+    allow_insecure_http: bool = False
     source: str = "<defaults>"
 
     @property
@@ -155,15 +173,20 @@ T = TypeVar("T")
 
 
 class _Reader:
-    """Pulls typed values out of one YAML mapping, naming file and key in every error."""
+    """Pulls typed values out of one YAML mapping, naming file and key in every error.
 
-    def __init__(self, source: str, prefix: str, data: Mapping[str, Any]) -> None:
+    Errors are collected, not raised: a bad value yields the default and one line in the
+    shared ``errors`` list, so ``--check-config`` can report every problem in one go.
+    """
+
+    def __init__(self, source: str, prefix: str, data: Mapping[str, Any], errors: list[str]) -> None:
         self.source = source
         self.prefix = prefix
         self.data = dict(data)
+        self.errors = errors
 
-    def fail(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {self.prefix}{key}: {problem}")
+    def fail(self, key: str, problem: str) -> None:
+        self.errors.append(f"{self.source}: {self.prefix}{key}: {problem}")
 
     def take(self, key: str, default: T, convert: Callable[[Any], T], expected: str) -> T:
         if key not in self.data or (self.data[key] is None and default is None):
@@ -172,19 +195,23 @@ class _Reader:
         value = self.data.pop(key)
         try:
             return convert(value)
-        except (TypeError, ValueError) as exc:
-            raise self.fail(key, f"expected {expected}, got {value!r}") from exc
+        except UrlProblem as exc:
+            # The value is not echoed: a URL may carry a user name or password.
+            self.fail(key, str(exc))
+        except (TypeError, ValueError):
+            self.fail(key, f"expected {expected}, got {value!r}")
+        return default
 
     def section(self, key: str) -> _Reader:
         value = self.data.pop(key, None) or {}
         if not isinstance(value, Mapping):
-            raise self.fail(key, f"expected a mapping, got {value!r}")
-        return _Reader(self.source, f"{self.prefix}{key}.", value)
+            self.fail(key, f"expected a mapping, got {value!r}")
+            value = {}
+        return _Reader(self.source, f"{self.prefix}{key}.", value, self.errors)
 
     def done(self) -> None:
-        if self.data:
-            names = ", ".join(sorted(f"{self.prefix}{k}" for k in self.data))
-            raise ConfigError(f"{self.source}: unknown key(s): {names}")
+        for key in sorted(self.data):
+            self.errors.append(f"{self.source}: {self.prefix}{key}: unknown key")
 
 
 def _int(low: int, high: int) -> Callable[[Any], int]:
@@ -211,11 +238,21 @@ def _str(value: Any) -> str:
     return value
 
 
-def _url(value: Any) -> str:
-    text = _str(value)
-    if not text.startswith(("http://", "https://")):
+def _url(allow_insecure_http: bool) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        return check_url(_str(value), allow_insecure_http=allow_insecure_http)
+
+    return convert
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
         raise ValueError(value)
-    return text.rstrip("/")
+    return value
+
+
+def _optional_path(value: Any) -> Path | None:
+    return _path(value)
 
 
 def _path(value: Any) -> Path:
@@ -261,12 +298,15 @@ def parse(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{source}: the top level must be a mapping")
-    top = _Reader(source, "", data)
+    errors: list[str] = []
+    top = _Reader(source, "", data, errors)
     d = Config()
+    # Read first: it decides whether the URLs below may be plain http.
+    insecure = top.take("allow_insecure_http", d.allow_insecure_http, _bool, "true or false")
 
     r = top.section("api")
     api = ApiConfig(
-        url=r.take("url", d.api.url, _url, "an http:// or https:// URL"),
+        url=r.take("url", d.api.url, _url(insecure), "an https:// URL"),
         retries=r.take("retries", d.api.retries, _int(0, 10), "an integer 0-10"),
         timeout=r.take("timeout", d.api.timeout, _float(0.1, 3600), "seconds, 0.1-3600"),
         backoff=r.take("backoff", d.api.backoff, _float(0, 60), "seconds, 0-60"),
@@ -318,6 +358,7 @@ def parse(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
             "prefetch", d.resources.prefetch, _resource_list, "a list of {folder, name} with valid names"
         ),
         api_max_mb=r.take("api_max_mb", d.resources.api_max_mb, _int(1, 4096), "MiB, 1-4096"),
+        memfd_max_mb=r.take("memfd_max_mb", d.resources.memfd_max_mb, _int(1, 65536), "MiB, 1-65536"),
         format=r.take("format", d.resources.format, _int(1, 2), "1 or 2"),
         v2_chunk_log2=r.take("v2_chunk_log2", d.resources.v2_chunk_log2, _int(12, 24), "an integer 12-24"),
     )
@@ -325,7 +366,7 @@ def parse(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
 
     r = top.section("cdn")
     cdn = CdnConfig(
-        endpoint=r.take("endpoint", d.cdn.endpoint, _url, "an http:// or https:// URL"),
+        endpoint=r.take("endpoint", d.cdn.endpoint, _url(insecure), "an https:// URL"),
         retries=r.take("retries", d.cdn.retries, _int(0, 10), "an integer 0-10"),
         multipart_chunk_mb=r.take(
             "multipart_chunk_mb", d.cdn.multipart_chunk_mb, _int(5, 1024), "MiB, 5-1024"
@@ -355,8 +396,21 @@ def parse(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
     )
     r.done()
 
+    r = top.section("metrics")
+    metrics = MetricsConfig(
+        textfile=r.take("textfile", d.metrics.textfile, _optional_path, "an absolute path ending in .prom"),
+        textfile_interval=r.take(
+            "textfile_interval", d.metrics.textfile_interval, _float(1, 3600), "seconds, 1-3600"
+        ),
+    )
+    if metrics.textfile is not None and metrics.textfile.suffix != ".prom":
+        r.fail("textfile", "node_exporter reads only files ending in .prom")
+    r.done()
+
     log_level = top.take("log_level", d.log_level, _level, "one of debug, info, warning, error")
     top.done()
+    if errors:
+        raise ConfigError("\n".join(errors), problems=errors)
     return Config(
         api=api,
         socket=sock,
@@ -366,7 +420,9 @@ def parse(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
         cdn=cdn,
         unlock=unlock,
         docker=docker,
+        metrics=metrics,
         log_level=log_level,
+        allow_insecure_http=insecure,
         source=source,
     )
 

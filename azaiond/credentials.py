@@ -6,9 +6,11 @@ an operator who installs one does not have to restart the daemon for a login to 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -35,20 +37,49 @@ def read_credential(name: str) -> str | None:
         return None
 
 
+def parse_login(text: str) -> Credentials | None:
+    """``{email, password}`` from a ``login`` credential: JSON, else (older files) YAML.
+
+    ``azaionctl credential login`` writes JSON, because YAML reads many passwords as something
+    else (``12345678`` as a number, ``yes`` as true, ``p #1`` as ``p``, ``*x`` as an alias).
+
+    JSON first: a JSON document is not always the same YAML document (``"\\/"``, tabs,
+    unicode escapes beyond the BMP). Problems are logged without the value.
+    """
+    data: Any
+    try:
+        data = json.loads(text)
+    except ValueError:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            log.warning(
+                "the 'login' credential is neither JSON nor YAML; write it with: azaionctl credential login EMAIL"
+            )
+            return None
+    if not isinstance(data, dict):
+        log.warning("the 'login' credential is not an object with email and password")
+        return None
+    for key in ("email", "password"):
+        value = data.get(key)
+        if not isinstance(value, str) or not value:
+            # YAML turns an unquoted 12345678 into a number and yes into true: say so.
+            what = "missing or empty" if value in (None, "") else f"not a string but {type(value).__name__}"
+            log.warning(
+                "the 'login' credential's %s is %s; write it as JSON with: azaionctl credential login EMAIL",
+                key,
+                what,
+            )
+            return None
+    return Credentials(email=data["email"], password=data["password"])
+
+
 def login_credentials() -> Credentials | None:
     """``{email, password}`` from the ``login`` credential, or None."""
     text = read_credential("login")
     if text is None:
         return None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
-        log.warning("the 'login' credential is not valid YAML; expected {email: ..., password: ...}")
-        return None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) and data[k] for k in ("email", "password")):
-        log.warning("the 'login' credential lacks email or password")
-        return None
-    return Credentials(email=data["email"], password=data["password"])
+    return parse_login(text)
 
 
 def resource_key(configured: str | None) -> str | None:

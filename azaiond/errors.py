@@ -46,10 +46,17 @@ class AzaionError(Exception):
 
 
 class ConfigError(AzaionError):
-    """The configuration file is unreadable or a key holds a bad value."""
+    """The configuration file is unreadable or a key holds a bad value.
+
+    ``problems`` lists every problem found, one line each, naming the file and the key.
+    """
 
     kind = "config"
     code = -32603
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems: tuple[str, ...] = tuple(problems) if problems else (message,)
 
 
 class NotAuthenticated(AzaionError):

@@ -289,6 +289,23 @@ class CappedBuffer:
         return len(data)
 
 
+class CappedSink:
+    """Passes writes to ``sink`` until ``limit`` bytes; one more byte is ``too_large``, named
+    after the config key that sets the limit."""
+
+    def __init__(self, sink: FdSink, limit: int, key: str) -> None:
+        self.sink = sink
+        self.limit = limit
+        self.key = key
+        self.size = 0
+
+    def write(self, data: memoryview | bytes, /) -> int:
+        if self.size + len(data) > self.limit:
+            raise TooLarge(f"the plaintext is over {self.key} ({self.limit // (1024 * 1024)} MiB)")
+        self.size += len(data)
+        return self.sink.write(data)
+
+
 class HashingSink(io.RawIOBase):
     """Passes writes through to a sink while counting and hashing them (for cdn_download)."""
 

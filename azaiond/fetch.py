@@ -369,6 +369,10 @@ class Fetcher:
         self._lock = threading.Lock()
         self._active: dict[Path, Download] = {}
 
+    def configure(self, *, range_size: int, parallel: int, retries: int) -> None:
+        """New settings (a live reload) for downloads that start from now on."""
+        self._range_size, self._parallel, self._retries = range_size, parallel, retries
+
     def open(
         self,
         cdn: Callable[[], Cdn],

@@ -16,13 +16,14 @@ import stat
 from collections.abc import Callable, Mapping
 from typing import IO, Any
 
-from azaiond import __version__
+from azaiond import __version__, memfd
 from azaiond.account import Account
 from azaiond.apiclient import Credentials
 from azaiond.apifiles import ApiFiles
 from azaiond.config import Config
 from azaiond.errors import InvalidParams, TooLarge
-from azaiond.fdio import CappedBuffer, FdSink, FdSource, HashingSink, require_readable, require_writable
+from azaiond.fdio import CappedBuffer, CappedSink, FdSink, FdSource, HashingSink, require_readable, require_writable
+from azaiond.metrics import Metrics
 from azaiond.names import check_bucket, check_name
 from azaiond.resources import FORMATS, LoadResult, SplitResources
 from azaiond.rpc.table import Call
@@ -43,8 +44,11 @@ class Handlers:
         resources: SplitResources,
         unlock: UnlockJob,
         api_files: ApiFiles | None = None,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self._config = config
+        self._metrics = metrics or Metrics()
         self._account = account
         self._resources = resources
         self._unlock = unlock
@@ -53,6 +57,7 @@ class Handlers:
         )
         self._inline_limit = config.resources.inline_limit_bytes
         self._stall = config.socket.stall_timeout
+        self._memfd_limit = config.resources.memfd_max_bytes
 
     # -- open ----------------------------------------------------------------------------
 
@@ -76,9 +81,17 @@ class Handlers:
     def unlock_status(self, call: Call) -> Result:
         return self._unlock.status()
 
+    def metrics(self, call: Call) -> Result:
+        snapshot = self._metrics.snapshot()
+        return {**snapshot, "text": self._metrics.text(snapshot)}
+
     def load(self, call: Call) -> Result:
         name, folder = call.params["name"], call.params["folder"]
         call.facts["resource"] = f"{folder}/{name}"
+        if call.params.get("memfd"):
+            if call.fd is not None:
+                raise InvalidParams("load: pass either memfd or a descriptor, not both")
+            return self._load_memfd(call, name, folder)
         if call.fd is not None:
             require_writable(call.fd, "load")
             phases = LoadProgress(call.progress)
@@ -101,7 +114,7 @@ class Handlers:
     def prefetch(self, call: Call) -> Result:
         name, folder = call.params["name"], call.params["folder"]
         call.facts["resource"] = f"{folder}/{name}"
-        size = self._resources.prefetch(name, folder, call.cancel)
+        size = self._resources.prefetch(name, folder, call.cancel, call.progress)
         return {"big_size": size, "cached": True}
 
     def cache_list(self, call: Call) -> Result:
@@ -127,6 +140,30 @@ class Handlers:
         result = self._api_files.load(name, folder, buffer, call.cancel)
         call.facts["bytes"] = result.size
         return {"size": result.size, "sha256": result.sha256, "data": _b64(buffer.buffer)}
+
+    def _load_memfd(self, call: Call, name: str, folder: str) -> Result:
+        """The plaintext in a sealed memfd passed back with the reply: in memory only, and
+        nobody can change it once the caller has it (write, grow, shrink and seal are sealed).
+
+        Its pages are charged to the daemon's cgroup, also after the caller took it, so it is
+        capped at ``resources.memfd_max_mb``: past that, ``too_large`` and nothing is passed.
+        """
+        check_name(name)
+        check_name(folder, "folder")
+        fd = memfd.create(f"azaiond:{folder}/{name}")
+        try:
+            phases = LoadProgress(call.progress)
+            with FdSink(fd, call.cancel, self._stall, phases.written) as out:
+                sink = CappedSink(out, self._memfd_limit, "memfd_max_mb")
+                result = self._resources.load(name, folder, sink, call.cancel, phases.fetched)
+            memfd.seal(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        call.reply_fds.append(fd)
+        call.facts["bytes"] = result.size
+        self._cache_fact(call, result)
+        return {**_load_result(result), "memfd": True}
 
     # -- admin ---------------------------------------------------------------------------
 

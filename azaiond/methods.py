@@ -15,7 +15,11 @@ def method_table(h: Handlers) -> MethodTable:
         MethodSpec("health", h.health, OPEN, blocking=False),
         MethodSpec("status", h.status, OPEN, blocking=False),
         MethodSpec("unlock_status", h.unlock_status, OPEN, blocking=False),
-        MethodSpec("load", h.load, OPEN, (Param("name", str), Param("folder", str))),
+        # On a worker: building the text takes longer than a quick call should hold the loop.
+        MethodSpec("metrics", h.metrics, OPEN),
+        MethodSpec(
+            "load", h.load, OPEN, (Param("name", str), Param("folder", str), Param("memfd", bool, required=False))
+        ),
         MethodSpec("login", h.login, ADMIN, (Param("email", str), Param("password", str))),
         MethodSpec("logout", h.logout, ADMIN),
         MethodSpec(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 
 import sdnotify
@@ -58,6 +59,12 @@ class Notifier:
         # A newline would start a new assignment in the datagram; keep it one line.
         line = " ".join(text.split())
         self._send(f"STATUS={line}")
+
+    def reloading(self) -> None:
+        """RELOADING=1: `systemctl reload` waits for the READY=1 that follows. systemd wants
+        the monotonic time of the request with it (sd_notify(3))."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self._send(f"RELOADING=1\nMONOTONIC_USEC={usec}")
 
     def stopping(self) -> None:
         self._send("STOPPING=1")

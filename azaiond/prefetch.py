@@ -40,6 +40,10 @@ class Prefetcher:
             self.done.clear()
         threading.Thread(target=self._run, name="prefetch", daemon=True).start()
 
+    def replace(self, items: Sequence[tuple[str, str]]) -> None:
+        """A new list (a live reload); it is fetched on the next kick."""
+        self.items = tuple(items)
+
     def close(self) -> None:
         self._stop.set()
 

@@ -309,16 +309,19 @@ class SplitResources:
         big.fail(exc)
         self._drop(name, folder)
 
-    def prefetch(self, name: str, folder: str, cancel: threading.Event | None = None) -> int:
+    def prefetch(
+        self, name: str, folder: str, cancel: threading.Event | None = None, progress: Progress | None = None
+    ) -> int:
         """Make sure the cache holds the big part bound to the current small part; its size.
 
         Nothing is decrypted: the small part only tells which version of the big part to keep.
+        ``progress(done, total)`` hears of the CDN fetch, as for ``load``.
         """
         self._check(name, folder)
         small = self._api.get_resource(folder, f"{name}.small")
         fingerprint = small_fingerprint(small)
         with self.cache.pinned(folder, name):
-            big, _ = self._open_big(name, folder, fingerprint, cancel=cancel)
+            big, _ = self._open_big(name, folder, fingerprint, cancel=cancel, progress=progress)
             try:
                 big.finish()
                 return big.size

@@ -174,8 +174,10 @@ class UnlockJob:
         account: Account,
         images: DockerImages,
         status_line: Callable[[str], None] = lambda s: None,
+        on_finish: Callable[[str, float], None] = lambda outcome, seconds: None,
     ) -> None:
         self._config = config
+        self._on_finish = on_finish  # (outcome, seconds) once per run, for metrics
         self._account = account
         self._images = images
         self._status_line = status_line
@@ -231,6 +233,15 @@ class UnlockJob:
     # -- the run ------------------------------------------------------------------------------
 
     def _run(self, credentials: Credentials | None) -> None:
+        started = time.monotonic()
+        try:
+            self._run_once(credentials)
+        finally:
+            with self._lock:
+                outcome = self._error["kind"] if self._error else self._state
+            self._on_finish(outcome, time.monotonic() - started)
+
+    def _run_once(self, credentials: Credentials | None) -> None:
         self._persist({"state": LOADING, "error": None})  # "running": a crash reads as interrupted
         self._status_line("unlock: checking images")
         try:
@@ -334,10 +345,10 @@ class UnlockJob:
         with self._lock:
             self._state, self._error, self._progress = state, error, None
         if error:
-            log.warning("unlock failed (%s): %s", kind, message)
+            log.warning("unlock failed (%s): %s", kind, message, extra={"fields": {"event": "unlock", "kind": kind}})
             self._status_line(f"unlock: error ({kind}): {message}")
         else:
-            log.info("unlock: ready")
+            log.info("unlock: ready", extra={"fields": {"event": "unlock"}})
             self._status_line("unlock: ready")
 
     def _persist(self, record: dict[str, Any]) -> None:

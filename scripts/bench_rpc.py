@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Round-trip cost of `health` on azaiond against a bare asyncio line server, in one run.
 
-    python3 -m scripts.bench_rpc [--calls 20000] [--clients 8] [--rounds 3]
+    python3 -m scripts.bench_rpc [--calls 20000] [--clients 8] [--rounds 3] [--versus DIR]
 
 Starts azaiond (temp config, temp socket) and a bare asyncio server that answers every line
 with a fixed reply, then measures, alternating between the two each round: p50/p99 latency
 with one client, and calls/s with N concurrent client processes. Prints the ratios the
 performance target is stated in (daemon p50 <= 1.8x bare; daemon calls/s >= 0.5x bare).
+With ``--versus DIR`` a second daemon runs the code in DIR (another checkout, on PYTHONPATH)
+in the same rounds, and the ratios of this code against that one are printed too: how much a
+change costs, measured alternately on the same machine at the same time.
 """
 
 from __future__ import annotations
@@ -119,6 +122,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--config", type=Path, help="use this azaiond config instead of a temp one")
+    ap.add_argument("--versus", type=Path, metavar="DIR", help="also run the daemon of another checkout")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="azb", dir="/tmp"))
@@ -139,20 +143,36 @@ def main() -> int:
         [sys.executable, "-m", "azaiond.daemon", "--config", str(config)],
         stderr=open(tmp / "daemon.log", "wb"),  # noqa: SIM115 - lives as long as the child
     )
+    versus = None
+    versus_sock = str(tmp / "v.sock")
+    if args.versus is not None:
+        vconfig = tmp / "versus.yaml"
+        vconfig.write_text(
+            f"socket:\n  path: {versus_sock}\nstate_dir: {tmp / 'vstate'}\nhardware: bench\nlog_level: warning\n"
+        )
+        versus = subprocess.Popen(
+            [sys.executable, "-m", "azaiond.daemon", "--config", str(vconfig)],
+            stderr=open(tmp / "versus.log", "wb"),  # noqa: SIM115 - lives as long as the child
+            env={**os.environ, "PYTHONPATH": str(args.versus.resolve())},
+            cwd=args.versus,
+        )
     bare = mp.get_context("fork").Process(target=bare_server, args=(bare_sock,), daemon=True)
     bare.start()
     try:
         wait_for(daemon_sock)
         wait_for(bare_sock)
-        lat: dict[str, list[float]] = {"daemon": [], "bare": []}
-        rate: dict[str, list[float]] = {"daemon": [], "bare": []}
         targets = {"daemon": daemon_sock, "bare": bare_sock}
+        if versus is not None:
+            wait_for(versus_sock)
+            targets["versus"] = versus_sock
+        lat: dict[str, list[float]] = {name: [] for name in targets}
+        rate: dict[str, list[float]] = {name: [] for name in targets}
         for _ in range(args.rounds):
             for name, path in targets.items():
                 lat[name] += latencies(path, args.calls)
                 rate[name].append(throughput(path, args.clients, args.calls // args.clients))
         print(f"cores: {os.cpu_count()}, calls per round: {args.calls}, rounds: {args.rounds}")
-        for name in ("bare", "daemon"):
+        for name in targets:
             p50, p99 = pct(lat[name], 0.50) * 1e6, pct(lat[name], 0.99) * 1e6
             one = 1 / statistics.mean(lat[name])
             many = statistics.median(rate[name])
@@ -164,10 +184,18 @@ def main() -> int:
         rate_ratio = statistics.median(rate["daemon"]) / statistics.median(rate["bare"])
         print(f"p50 ratio daemon/bare: {p50_ratio:.2f} (target <= 1.8)")
         print(f"{args.clients}-client calls/s ratio daemon/bare: {rate_ratio:.2f} (target >= 0.5)")
+        if "versus" in targets:
+            print(f"p50 ratio daemon/versus: {pct(lat['daemon'], 0.5) / pct(lat['versus'], 0.5):.3f}")
+            one = statistics.mean(lat["versus"]) / statistics.mean(lat["daemon"])
+            print(f"1-client calls/s ratio daemon/versus: {one:.3f}")
+            many = statistics.median(rate["daemon"]) / statistics.median(rate["versus"])
+            print(f"{args.clients}-client calls/s ratio daemon/versus: {many:.3f}")
         return 0 if p50_ratio <= 1.8 and rate_ratio >= 0.5 else 1
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(30)
+        for proc in (daemon, versus):
+            if proc is not None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
         bare.terminate()
         bare.join()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -15,6 +15,8 @@ packages=(
     docker.io python3-docker                       # a real dockerd; Debian's SDK for the compat test
     systemd-container debootstrap                  # the system test boots systemd in nspawn
     nginx-light                                    # a fast read origin for scripts/bench_cold.py
+    systemd python3-systemd                        # systemd-creds (credential tests), the journal API
+    bash-completion                                # the shipped completion, tried in the tests
     debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools
     lintian build-essential fakeroot               # building and linting the .deb
 )

@@ -6,7 +6,9 @@ to do on demand: every error kind, half-written loads, lost unlock runs, timeout
 
 from __future__ import annotations
 
+import base64
 import ctypes
+import io
 import os
 import pty
 import re
@@ -26,7 +28,9 @@ import pytest
 from azaiond.cli import exitcodes
 from azaiond.cli.progress import Progress, render
 from azaiond.errors import ALL_ERRORS, AzaionError
+from tests.faultproxy import Fault, FaultProxy, Match
 from tests.fixtures_daemon import DaemonHandle
+from tests.fixtures_stack import unique_name
 from tests.support.devstack import DevStack
 from tests.support.fakedaemon import GOOD_PASSWORD, FakeDaemon, blob, fake_daemon
 
@@ -431,6 +435,9 @@ def test_progress_on_a_terminal_for_upload(fake: FakeDaemon, tmp_path: Path) -> 
 def test_progress_render_and_updates() -> None:
     assert render("x", 512 * 1024, 1024 * 1024) == "x:  50% 0.5/1.0 MiB"
     assert render("x", 3 * 1024 * 1024, None) == "x: 3.0 MiB"
+    assert render("x", 512 * 1024, 1024 * 1024, 256 * 1024) == "x:  50% 0.5/1.0 MiB  0.2 MiB/s  ETA 0:02"
+    assert render("x", 0, 7200 * 1024 * 1024, 1024 * 1024) == "x:   0% 0.0/7200.0 MiB  1.0 MiB/s  ETA 2:00:00"
+    assert render("x", 3 * 1024 * 1024, None, 1024 * 1024) == "x: 3.0 MiB  1.0 MiB/s"
 
     class Tty:
         def __init__(self) -> None:
@@ -452,6 +459,41 @@ def test_progress_render_and_updates() -> None:
         threading.Event().wait(0.1)
     assert "unlock: decrypting:  10%" in stream.text
     assert stream.text.endswith("\r\x1b[K")
+
+
+def test_progress_rate_window_and_daemon_phase() -> None:
+    now = [100.0]
+    bar = Progress("load f/m", io.StringIO(), lambda: (5, None), enabled=False, clock=lambda: now[0])
+    assert bar.rate("a", 0) is None  # one sample: no rate yet
+    now[0] += 1.0
+    assert bar.rate("a", 1024) == 1024.0
+    now[0] += 1.0
+    assert bar.rate("b", 4096) is None  # a new label (phase) starts the history over
+    # The daemon's (done, total) wins over the sampler while it has a total and is not done.
+    bar.daemon(10, 100)
+    assert bar._sample() == ("load f/m (from the CDN)", (10, 100))
+    bar.daemon(100, 100)
+    assert bar._sample() == ("load f/m", (5, None))
+
+
+def test_progress_of_a_cold_load_shows_the_cdn_phase_with_rate_and_eta(
+    clean_stack: DevStack, s3_proxy: FaultProxy, stack_daemon: Callable[..., DaemonHandle], tmp_path: Path
+) -> None:
+    bucket = unique_name("progress")
+    clean_stack.ensure_bucket(bucket)
+    d = stack_daemon(overrides={"cdn": {"endpoint": s3_proxy.url, "range_mb": 1, "parallel": 1}})
+    data = os.urandom(2 * 1024 * 1024)
+    assert "result" in d.call("upload", {"name": "m.bin", "folder": bucket, "data": base64.b64encode(data).decode()})
+    assert d.call("cache_drop", {"folder": bucket})["result"]["dropped"] == 1
+    # About four seconds of CDN phase: enough frames for a rate, whatever the machine's speed.
+    s3_proxy.set(Fault.slow(512 * 1024), Match(method="GET", path_prefix=f"/{bucket}/"))
+    out = tmp_path / "m.out"
+    status, seen, _ = run_with_pty(str(d.socket_path), "load", "m.bin", "--folder", bucket, "-o", str(out),
+                                   tty="stderr")
+    assert status == 0, seen
+    assert out.read_bytes() == data
+    frame = rb"load \S+ \(from the CDN\):\s+\d+% [\d.]+/2\.0 MiB  [\d.]+ MiB/s  ETA \d+:\d\d"
+    assert re.search(frame, seen), seen
 
 
 # --- the real daemon ----------------------------------------------------------------------------

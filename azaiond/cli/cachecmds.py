@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from azaiond.cli import exitcodes
+from azaiond.cli.progress import Progress
 
 if TYPE_CHECKING:
     from azaiond.cli.main import Command, Context
@@ -57,7 +58,9 @@ def cmd_cache_drop(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_cache_prefetch(ctx: Context, args: argparse.Namespace) -> int:
-    result = ctx.client.call("prefetch", {"name": args.name, "folder": args.folder})
+    with Progress(f"prefetch {args.folder}/{args.name}", ctx.stderr, phase="from the CDN") as bar:
+        result = ctx.client.call("prefetch", {"name": args.name, "folder": args.folder},
+                                 progress=bar.daemon if bar.enabled else None)
     ctx.show(result, f"cached {args.folder}/{args.name} ({result.get('big_size')} bytes of big part)")
     return exitcodes.EXIT_OK
 

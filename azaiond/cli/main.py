@@ -18,11 +18,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
 from azaiond import __version__, seal
-from azaiond.cli import cachecmds, exitcodes
+from azaiond.cli import cachecmds, credential, doctor, exitcodes
 from azaiond.cli.files import OutputFile
 from azaiond.cli.progress import Progress, Sample
 from azaiond.client import Client, DaemonUnavailable, ProtocolError, RpcError
@@ -64,7 +65,11 @@ Command = Callable[[Context, argparse.Namespace], int]
 def read_password(prompt: str) -> str:
     """From the terminal without echo, or one line of stdin (for scripts and units)."""
     if sys.stdin.isatty():
-        password = getpass.getpass(prompt)
+        try:
+            password = getpass.getpass(prompt)
+        except EOFError:  # Ctrl-D
+            print(file=sys.stderr)
+            raise CliError("no password given", exitcodes.EXIT_USAGE) from None
     else:
         line = sys.stdin.readline()
         if not line:
@@ -88,7 +93,10 @@ def _download(ctx: Context, method: str, params: dict[str, Any], target: str | N
         target = "-"
     if target == "-":
         sys.stdout.flush()
-        result = ctx.client.call(method, params, fd=sys.stdout.fileno())
+        # Into a pipe: no file to sample, but the CDN phase of a cold load still shows.
+        with Progress(label, ctx.stderr) as bar:
+            result = ctx.client.call(method, params, fd=sys.stdout.fileno(),
+                                     progress=bar.daemon if bar.enabled else None)
         ctx.show(result, f"wrote {result.get('size')} bytes to stdout (sha256 {result.get('sha256')})", True)
         return exitcodes.EXIT_OK
     try:
@@ -100,8 +108,9 @@ def _download(ctx: Context, method: str, params: dict[str, Any], target: str | N
         def sample() -> Sample:
             return out.size(), None
 
-        with Progress(label, ctx.stderr, sample):
-            result = ctx.client.call(method, params, fd=out.fd)
+        with Progress(label, ctx.stderr, sample) as bar:
+            # Only ask for notifications when a bar shows them: they cost the daemon a little.
+            result = ctx.client.call(method, params, fd=out.fd, progress=bar.daemon if bar.enabled else None)
         written = out.size()
         if written != result.get("size"):
             # The daemon's count and the file disagree: never present a short file as done.
@@ -286,14 +295,89 @@ def cmd_unlock(ctx: Context, args: argparse.Namespace) -> int:
     result = ctx.client.call("unlock", params)
     state = str(result.get("state"))
     if args.wait:
-        return _wait_for_unlock(ctx, params, state, args.timeout)
+        return _wait_for_unlock(ctx, params, state, getattr(args, "timeout", None))
     ctx.show(result, f"unlock: {state} (follow with: azaionctl unlock-status)")
+    return exitcodes.EXIT_OK
+
+
+def cmd_credential_login(ctx: Context, args: argparse.Namespace) -> int:
+    password = read_password(f"password for {args.email}: ")
+    if sys.stdin.isatty() and read_password("the same password again: ") != password:
+        raise CliError("the passwords differ", exitcodes.EXIT_USAGE)
+    try:
+        written = credential.write_login(args.email, password, output=args.output, encrypt=args.encrypt)
+    except credential.CredentialError as exc:
+        raise CliError(str(exc)) from exc
+    except OSError as exc:
+        raise CliError(f"cannot write the credential: {exc.strerror or exc}") from exc
+    if written.path == "-":
+        return exitcodes.EXIT_OK
+    result = {"path": written.path, "encrypted": written.encrypted}
+    how = " (encrypted with systemd-creds)" if written.encrypted else ""
+    ctx.show(result, f"wrote the login credential for {args.email} to {written.path}{how}")
+    if not ctx.json:
+        if written.encrypted:
+            ctx.say("next: a drop-in with LoadCredentialEncrypted=login:azaiond.login (see operators.md), "
+                    "then: systemctl restart azaiond", to_stderr=True)
+        else:
+            ctx.say("next: systemctl restart azaiond", to_stderr=True)
     return exitcodes.EXIT_OK
 
 
 def cmd_unlock_status(ctx: Context, args: argparse.Namespace) -> int:
     result = ctx.client.call("unlock_status")
     ctx.show(result, f"unlock: {_unlock_text(result)}")
+    if result.get("state") == "error":
+        # Scripts and monitors branch on this: a failed unlock is not a success.
+        error = result.get("error")
+        kind = str(error.get("kind")) if isinstance(error, dict) else "internal"
+        return exitcodes.exit_code_for_kind(kind)
+    return exitcodes.EXIT_OK
+
+
+def cmd_metrics(ctx: Context, args: argparse.Namespace) -> int:
+    result = ctx.client.call("metrics")
+    if ctx.json:
+        ctx.say(json.dumps(result, sort_keys=True))
+    else:
+        ctx.stdout.write(str(result.get("text", "")))
+    return exitcodes.EXIT_OK
+
+
+def cmd_version(ctx: Context, args: argparse.Namespace) -> int:
+    try:
+        daemon: str | None = str(ctx.client.call("status").get("version"))
+        problem = None
+    except (RpcError, DaemonUnavailable, ProtocolError) as exc:
+        daemon, problem = None, str(exc)
+    result = {"client": __version__, "daemon": daemon}
+    human = f"{PROG} {__version__}\nazaiond {daemon if daemon else f'unknown ({problem})'}"
+    ctx.show(result, human)
+    return exitcodes.EXIT_OK if daemon else exitcodes.EXIT_UNAVAILABLE
+
+
+def cmd_doctor(ctx: Context, args: argparse.Namespace) -> int:
+    checks = doctor.run(ctx.client, ctx.client.socket_path, args.config)
+    if ctx.json:
+        ctx.say(json.dumps({"ok": all(c.ok for c in checks), "checks": [c.as_dict() for c in checks]}))
+    else:
+        for c in checks:
+            ctx.say(f"{'ok ' if c.ok else 'BAD'}  {c.name:<9} {c.detail}")
+    return exitcodes.EXIT_OK if all(c.ok for c in checks) else exitcodes.EXIT_FAILURE
+
+
+def cmd_help(ctx: Context, args: argparse.Namespace) -> int:
+    parser = build_parser()
+    if not args.topic:
+        parser.print_help(ctx.stdout)
+        return exitcodes.EXIT_OK
+    if args.topic == "seal-images":
+        return seal.main(["--help"], prog=f"{PROG} seal-images")
+    try:
+        parser.parse_args([args.topic, "--help"])  # prints the command's help and exits 0
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise CliError(f"no such command: {args.topic}", exitcodes.EXIT_USAGE, f"see: {PROG} help") from None
     return exitcodes.EXIT_OK
 
 
@@ -312,7 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="daemon socket (default: $AZAIOND_SOCKET or /run/azaiond/azaiond.sock)",
     )
     common.add_argument(
-        "--json", action="store_true", default=argparse.SUPPRESS, help="print the raw result as JSON"
+        "--json", action="store_true", default=argparse.SUPPRESS,
+        help="print the raw result as JSON on stdout, and errors as {\"error\": {...}} on stdout too",
+    )
+    common.add_argument(
+        "--timeout", type=float, metavar="SECONDS", default=argparse.SUPPRESS,
+        help="give up on the daemon after this long: connecting and each reply (with unlock --wait: "
+        "the whole wait); default: wait as long as it takes",
     )
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -364,8 +454,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--email", help="log in as this user (password from the terminal or stdin); default: the daemon's own"
     )
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="with --wait: give up after this long")
     add("unlock-status", cmd_unlock_status, "show the progress or outcome of the unlock")
+
+    add("metrics", cmd_metrics, "show the daemon's counters (Prometheus text; --json for the object)")
+    add("version", cmd_version, "show the versions of azaionctl and of the daemon")
+    p = add("doctor", cmd_doctor, "check socket, daemon, config, API, CDN, Docker and login; print the hardware string")
+    p.add_argument("--config", type=Path, metavar="PATH",
+                   help="the daemon's config (default: $AZAIOND_CONFIG, else /etc/azaiond/config.yaml)")
+    p = add("help", cmd_help, "show the help of azaionctl or of one command")
+    p.add_argument("topic", nargs="?", metavar="COMMAND")
+
+    p = add("credential", cmd_credential_login, "write the daemon's credentials (no daemon needed)")
+    creds = p.add_subparsers(dest="credential", metavar="CREDENTIAL", required=True)
+    p = creds.add_parser(
+        "login",
+        parents=[common],
+        help="write the login credential as JSON (any password round-trips)",
+        description="Write the daemon's login credential (password from the terminal or stdin) as JSON, "
+        "encrypted with systemd-creds where it is installed.",
+    )
+    p.set_defaults(func=cmd_credential_login)
+    p.add_argument("email")
+    p.add_argument(
+        "-o", "--output", metavar="PATH",
+        help=f"where to write it, - for stdout (default: {credential.ENCRYPTED_PATH} when encrypted, "
+        f"else {credential.PLAIN_PATH})",
+    )
+    enc = p.add_mutually_exclusive_group()
+    enc.add_argument("--encrypt", dest="encrypt", action="store_true", default=None,
+                     help="encrypt with systemd-creds (default: when it is installed)")
+    enc.add_argument("--no-encrypt", dest="encrypt", action="store_false", help="write a plain 0600 file")
     # Publisher side: needs no daemon. main() hands its arguments to azaiond.seal before parsing,
     # so this entry only lists it in --help.
     add("seal-images", cmd_seal_images, "seal a docker save tar or images into images.enc (no daemon)")
@@ -382,6 +500,17 @@ def report_error(stream: TextIO, kind: str | None, message: str, hint: str | Non
     print(prefix + message, file=stream)
     if hint:
         print(f"{PROG}: {hint}", file=stream)
+
+
+def _json_failure(stream: TextIO, exc: Exception, code: int) -> None:
+    """Under --json, the error as one JSON object on stdout, for scripts that parse stdout."""
+    kind = exc.kind if isinstance(exc, RpcError) else None
+    if isinstance(exc, DaemonUnavailable):
+        kind = "unavailable" if exc.reason != "permission" else "no_permission"
+    message = getattr(exc, "message", None) or str(exc)
+    hint = exitcodes.HINTS.get(kind or "") if isinstance(exc, RpcError) else getattr(exc, "hint", None)
+    error = {"kind": kind or "failure", "message": message, "hint": hint, "exit_status": code}
+    print(json.dumps({"error": error}, sort_keys=True), file=stream)
 
 
 def _failure(stream: TextIO, exc: Exception) -> int:
@@ -413,16 +542,21 @@ def main(argv: list[str] | None = None) -> int:
         return seal.main(argv[1:], prog=f"{PROG} seal-images")
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
-    client = Client(getattr(args, "socket", None))
+    client = Client(getattr(args, "socket", None), timeout=getattr(args, "timeout", None))
     ctx = Context(client, getattr(args, "json", False), sys.stdout, sys.stderr)
     func: Command = args.func
     try:
         with client:
             return func(ctx, args)
     except (RpcError, DaemonUnavailable, ProtocolError, CliError) as exc:
-        return _failure(ctx.stderr, exc)
-    except KeyboardInterrupt:
+        code = _failure(ctx.stderr, exc)
+        if ctx.json:
+            _json_failure(ctx.stdout, exc, code)
+        return code
+    except KeyboardInterrupt:  # Ctrl-C, at a prompt or during a call: no traceback
         print(file=ctx.stderr)
+        if ctx.json:
+            _json_failure(ctx.stdout, CliError("interrupted"), 130)
         return 130
 
 

@@ -4,6 +4,7 @@ Every failed call is logged once at warning (method, peer uid and pid, kind, res
 every successful call that moved bytes at info (bytes, cache hit or miss, seconds). Quick
 successful calls (health, status) are not logged, so the hot path stays quiet and cheap.
 Only ``CallRecord.facts`` is read, which handlers fill with names and counts, never secrets.
+Under journald each line carries them as fields (``AZAION_METHOD``, ``AZAION_KIND``, ...: logs.py).
 A peer that fails calls in a flood is summarised: past a burst of lines per second, the
 rest of that second is counted and reported in one line.
 """
@@ -44,6 +45,7 @@ class CallLog:
                     record.seconds,
                     record.peer.uid,
                     record.peer.pid,
+                    extra={"fields": self._fields("call", record)},
                 )
             return
         if not self._admit():
@@ -57,7 +59,24 @@ class CallLog:
             record.seconds,
             record.peer.uid,
             record.peer.pid,
+            extra={"fields": self._fields("call_failed", record)},
         )
+
+    @staticmethod
+    def _fields(event: str, record: CallRecord) -> dict[str, object]:
+        """The journal fields of the line (logs.py maps them to AZAION_* names)."""
+        facts = record.facts
+        return {
+            "event": event,
+            "method": record.method,
+            "uid": record.peer.uid,
+            "pid": record.peer.pid,
+            "kind": record.kind,
+            "resource": facts.get("resource"),
+            "bytes": facts.get("bytes"),
+            "cache": facts.get("cache"),
+            "seconds": round(record.seconds, 6),
+        }
 
     def _admit(self) -> bool:
         second = int(time.monotonic())

@@ -81,7 +81,9 @@ SLICE = 64
 class _Context:
     """What a wrapper needs about the message it serves; one per message, shared in a batch."""
 
-    __slots__ = ("budget", "cancel", "deferred", "fd", "fd_error", "fds", "notify", "peer", "request_id")
+    __slots__ = (
+        "budget", "cancel", "deferred", "fd", "fd_error", "fds", "notify", "peer", "reply_fds", "request_id",
+    )
 
     def __init__(
         self,
@@ -92,9 +94,13 @@ class _Context:
         cancel: threading.Event,
         notify: Notify | None,
         budget: int | None,
+        reply_fds: list[int] | None = None,
     ) -> None:
         self.peer = peer
         self.fds = fds
+        # Where a single request's handler puts descriptors for the reply; None in a batch,
+        # whose one reply line cannot say which element a descriptor belongs to.
+        self.reply_fds = None if batch else reply_fds
         self.fd: int | None = fds[0] if len(fds) == 1 and not batch else None
         self.fd_error: str | None = None
         if len(fds) > 1:
@@ -169,6 +175,13 @@ class Dispatcher:
                 self._quick[name] = self._as_method(run)
         self._threads: set[Future[Mapping[str, Any]]] = set()
 
+    def set_limits(self, limits: Limits) -> None:
+        """New limits (a live reload, on the loop); calls running keep the slots they hold."""
+        self.limits = limits
+        self._slots.per_uid = limits.calls_per_uid
+        if limits.member_calls is not None:
+            self._slots.total = limits.member_calls
+
     @property
     def busy_threads(self) -> int:
         """Handlers still running on worker threads (also those whose caller was cancelled)."""
@@ -210,6 +223,16 @@ class Dispatcher:
                 log.exception("a call observer failed")
 
     @staticmethod
+    def _pass_reply_fds(name: str, call: Call, ctx: _Context) -> None:
+        """Hand the descriptors a handler made for its reply to the transport, or refuse them."""
+        if ctx.reply_fds is None:
+            _close_fds(call.reply_fds)
+            call.reply_fds.clear()
+            raise InvalidParams(f"{name}: a reply descriptor needs a single request, not a batch or a notification")
+        ctx.reply_fds.extend(call.reply_fds)
+        call.reply_fds.clear()
+
+    @staticmethod
     def _object(name: str, result: Any) -> dict[str, Any]:
         if type(result) is dict:
             plain: dict[str, Any] = result
@@ -243,9 +266,13 @@ class Dispatcher:
             try:
                 call = self._begin(spec, args, kwargs)
                 result = self._object(name, handler(call))
+                if call.reply_fds:
+                    self._pass_reply_fds(name, call, args[0])
                 kind = None
                 return result
             except Exception as exc:
+                if call is not None and call.reply_fds:
+                    _close_fds(call.reply_fds)  # the reply that would have carried them is an error
                 kind, error = self._failure(name, exc)
                 raise error from None
             finally:
@@ -282,12 +309,16 @@ class Dispatcher:
                 else:
                     result = handler(call)
                 out = Success(self._object(name, result))
+                if call.reply_fds:
+                    self._pass_reply_fds(name, call, ctx)
                 kind = None
                 return out
             except asyncio.CancelledError:
                 kind = "cancelled"
                 raise
             except Exception as exc:
+                if call is not None and call.reply_fds:
+                    _close_fds(call.reply_fds)  # the reply that would have carried them is an error
                 kind, error = self._failure(name, exc)
                 raise error from None
             finally:
@@ -329,6 +360,8 @@ class Dispatcher:
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
+            # Whatever the handler still makes for the reply has nobody to go to.
+            future.add_done_callback(lambda _: _close_fds(call.reply_fds))
             if ctx.fds and not future.done():
                 # The thread may still write to the descriptor: closing it now could hand its
                 # number to another file. Close it when the thread lets go.
@@ -351,6 +384,7 @@ class Dispatcher:
         line: bytes,
         peer: Peer,
         fds: Sequence[int] = (),
+        reply_fds: list[int] | None = None,
         *,
         cancel: threading.Event | None = None,
         notify: Notify | None = None,
@@ -362,6 +396,8 @@ class Dispatcher:
         dispatcher's own event, set at shutdown). ``notify`` sends one complete line
         (newline included) to the caller ahead of the reply; it may be called from worker
         threads, and is used only for a single request that passed ``"progress": true``.
+        Descriptors a handler passes back are appended to ``reply_fds`` (the transport sends
+        them with the reply and closes them); without that list a call cannot pass any.
         """
         ctx: _Context | None = None
         event = cancel if cancel is not None else self.cancel
@@ -388,7 +424,8 @@ class Dispatcher:
                 return await self._batch(items, ctx)
             if type(obj) is not dict or not shape_ok(obj):
                 return INVALID_REQUEST_LINE
-            ctx = _Context(peer, fds, batch=False, cancel=event, notify=notify, budget=None)
+            ctx = _Context(peer, fds, batch=False, cancel=event, notify=notify, budget=None,
+                           reply_fds=reply_fds if "id" in obj else None)
             return await self._single(obj, ctx)
         finally:
             if ctx is None or not ctx.deferred:

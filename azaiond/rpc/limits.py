@@ -32,6 +32,9 @@ class ConnectionCounts:
         self._per_uid: dict[int, int] = {}
         self.total = 0
 
+    def set_limits(self, limits: ConnectionLimits) -> None:
+        self._limits = limits
+
     def admit(self, uid: int) -> str | None:
         """Count a new connection of ``uid``; or, past a limit, say which (and count nothing)."""
         if uid == ROOT:

@@ -82,6 +82,14 @@ class Server:
         self._accept_pause: asyncio.TimerHandle | None = None
         self._closing = False
 
+    def set_limits(self, limits: ConnectionLimits, *, admin_groups: Sequence[str]) -> None:
+        """New limits (a live reload, on the loop): they apply from the next check on; open
+        connections over a lowered count stay, and new ones wait below it. Admin groups
+        apply to connections accepted from now on."""
+        self._limits = limits
+        self._counts.set_limits(limits)
+        self._admin_groups = tuple(admin_groups)
+
     async def start(self) -> None:
         """Begin accepting; calls are served once this returns."""
         loop = self._loop = asyncio.get_running_loop()
@@ -240,11 +248,17 @@ class Server:
 
     # -- writing -----------------------------------------------------------------------
 
-    async def _write(self, conn: Connection, data: bytes) -> None:
-        """Send all of ``data``; _Stalled when the peer takes nothing for stall_timeout s."""
+    async def _write(self, conn: Connection, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Send all of ``data``; _Stalled when the peer takes nothing for stall_timeout s.
+
+        ``fds`` (SCM_RIGHTS) ride on the first bytes that go out, where the client looks for
+        them; the caller still owns and closes them.
+        """
         sock = conn.sock
+        pending = list(fds)
         try:
-            n = sock.send(data)
+            n = socket.send_fds(sock, [data], pending) if pending else sock.send(data)
+            pending = []
         except (BlockingIOError, InterruptedError):
             n = 0
         if n == len(data):
@@ -264,9 +278,11 @@ class Server:
             finally:
                 loop.remove_writer(fd)
             try:
-                view = view[sock.send(view):]
+                sent = socket.send_fds(sock, [view], pending) if pending else sock.send(view)
             except (BlockingIOError, InterruptedError):
                 continue
+            pending = []
+            view = view[sent:]
 
     def _notify(self, conn: Connection, line: bytes) -> None:
         """A progress line from a worker thread: keep the latest, and have the loop send it."""
@@ -336,16 +352,20 @@ class Server:
                     conn.busy = True
                     conn.calling = True
                     conn.latest = None
+                    reply_fds: list[int] = []
                     try:
-                        reply = await dispatcher.handle(line, conn.peer, mine, cancel=conn.cancel,
-                                                        notify=conn.notify)
+                        try:
+                            reply = await dispatcher.handle(line, conn.peer, mine, reply_fds,
+                                                            cancel=conn.cancel, notify=conn.notify)
+                        finally:
+                            conn.calling = False
+                        if conn.unsent:
+                            unsent, conn.unsent = conn.unsent, b""
+                            await self._write(conn, unsent)
+                        if reply is not None:
+                            await self._write(conn, reply, reply_fds)
                     finally:
-                        conn.calling = False
-                    if conn.unsent:
-                        unsent, conn.unsent = conn.unsent, b""
-                        await self._write(conn, unsent)
-                    if reply is not None:
-                        await self._write(conn, reply)
+                        close_all(reply_fds)  # ours to close once sent (the peer holds its copies)
                     conn.busy = False
                     conn.idle_since = loop.time()
                     if self._closing:

@@ -397,6 +397,11 @@ check "member can call status" ctx runuser -u member -- azaionctl status
 expect_rc 11 "member (not azaion-admin) gets forbidden for login (exit 11)" \
     ctx_sh "echo wrong-password | runuser -u member -- azaionctl login '$ADMIN_EMAIL'"
 grep -q forbidden "$W/last.out" || fail "the forbidden error names its kind"
+forbidden_in_journal() {
+    ctx journalctl -u azaiond.service AZAION_KIND=forbidden AZAION_METHOD=login --no-pager -o cat | grep "login failed: forbidden"
+}
+wait_for 20 "journal: the refused call is an entry with AZAION_KIND=forbidden (python3-systemd's journal API)" \
+    forbidden_in_journal
 expect_rc 10 "azaion-admin member may call login (refused password: not_authenticated)" \
     ctx_sh "echo wrong-password | runuser -u opsadmin -- azaionctl login '$ADMIN_EMAIL'"
 
@@ -411,6 +416,20 @@ assert s["authenticated"] is True and s["user"]["email"] == sys.argv[1], s' "$AD
 }
 check "status: authenticated as $ADMIN_EMAIL" logged_in
 check "token cache is 0600" ctx_sh '[ "$(stat -c %a /var/lib/azaiond/token.json)" = 600 ]'
+check "azaiond --check-config accepts the installed config" ctx azaiond --check-config /etc/azaiond/config.yaml
+check "shipped docs and bash completion are installed" ctx_sh '
+    ls /usr/share/doc/azaiond/protocol.md* /usr/share/doc/azaiond/cli.md* /usr/share/doc/azaiond/operators.md*
+    [ -f /usr/share/bash-completion/completions/azaionctl ]'
+check "systemctl reload azaiond: SIGHUP re-reads the config, the daemon stays up and logged in" ctx_sh '
+    pid=$(systemctl show -P MainPID azaiond.service)
+    systemctl reload azaiond.service
+    [ "$(systemctl show -P MainPID azaiond.service)" = "$pid" ]
+    systemctl is-active azaiond.service
+    azaionctl --json status | python3 -c "import json, sys; assert json.load(sys.stdin)[\"authenticated\"] is True"'
+reloaded_in_journal() {
+    ctx journalctl -u azaiond.service MESSAGE_ID=54396f03ec4f4de49b9936dc4d684b04 --no-pager -o cat | grep "reload"
+}
+wait_for 20 "journal: the reload is an entry with its MESSAGE_ID" reloaded_in_journal
 
 # Resources through Debian's boto3 1.26 / botocore 1.29 (the pytest suite runs newer ones). moto's
 # key checks are off here (--no-enforce-keys): the read/write key split is the suite's business.
