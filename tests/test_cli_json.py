@@ -45,6 +45,11 @@ def test_every_subcommand_prints_json(clean_stack: DevStack, azaiond_factory: Fa
         "load": ctl(d, "load", "r.bin", "--folder", folder, "-o", str(tmp_path / "out.bin")),
         "cdn-upload": ctl(d, "cdn-upload", str(src), folder, "raw.bin"),
         "cdn-download": ctl(d, "cdn-download", folder, "raw.bin", "-o", str(tmp_path / "raw.out")),
+        "cache prefetch": ctl(d, "cache", "prefetch", "r.bin", "--folder", folder),
+        "cache ls": ctl(d, "cache", "ls"),
+        "cache drop": ctl(d, "cache", "drop", "--folder", folder),
+        "api-upload": ctl(d, "api-upload", str(src), "whole.bin", "--folder", folder),
+        "api-load": ctl(d, "api-load", "whole.bin", "--folder", folder, "-o", str(tmp_path / "whole.out")),
         "metrics": ctl(d, "metrics"),
         "version": ctl(d, "version"),
         "credential": ctl(d, "credential", "login", "a@b.c", "-o", str(tmp_path / "login"), "--no-encrypt",
@@ -57,6 +62,14 @@ def test_every_subcommand_prints_json(clean_stack: DevStack, azaiond_factory: Fa
     assert results["version"][1]["daemon"] == results["version"][1]["client"]
     assert "azaiond_calls_total" in results["metrics"][1]["text"]
     assert (tmp_path / "out.bin").read_bytes() == src.read_bytes()
+    assert (tmp_path / "whole.out").read_bytes() == src.read_bytes()
+    assert results["cache drop"][1]["dropped"] == 1
+    assert any(e["name"] == "r.bin" for e in results["cache ls"][1]["entries"])
+    # doctor: one JSON report; Docker is unreachable and the daemon logged out: exit 1, both named.
+    code, out = ctl(d, "doctor", "--config", str(d.config_path))
+    assert code == 1 and out["ok"] is False, (code, out)
+    broken = {c["name"] for c in out["checks"] if not c["ok"]}
+    assert broken == {"docker", "login"}, out  # logged out above
 
     errors = {
         "load": (ctl(d, "load", "absent.bin", "--folder", folder, "-o", str(tmp_path / "x")), "not_authenticated"),

@@ -202,3 +202,17 @@ def test_the_documented_live_keys_are_the_ones_the_daemon_takes(tmp_path: Path) 
     section = text.split("### Reload", 1)[1].split("Any other changed key", 1)[0]
     documented = set(re.findall(r"`([a-z_]+(?:\.[a-z_]+)?)`", section)) - {"systemctl"}
     assert documented == live
+
+
+def test_the_daemon_will_not_start_on_a_plain_http_url(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        f"socket:\n  path: {tmp_path / 'd.sock'}\nstate_dir: {tmp_path / 'state'}\nhardware: test\n"
+        "api:\n  url: http://api.example.com\n"
+    )
+    done = subprocess.run([sys.executable, "-m", "azaiond.daemon", "--config", str(path)],
+                          capture_output=True, text=True, env=daemon_env(), timeout=60, check=False)
+    assert done.returncode == 2  # RestartPreventExitStatus=2: systemd does not loop on it
+    assert f"{path}: api.url: plain http://" in done.stderr
+    assert not (tmp_path / "d.sock").exists()
+    assert not (tmp_path / "state").exists()

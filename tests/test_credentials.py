@@ -10,10 +10,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from azaiond.credentials import parse_login
 from tests.fixtures_daemon import DaemonHandle
 from tests.fixtures_stack import unique_name
+from tests.support.devdocker import Dockerd
 from tests.support.devstack import DevStack
 from tests.support.refserver import User
 
@@ -116,3 +118,45 @@ def test_encrypted_credential_round_trips(clean_stack: DevStack, azaiond_factory
     d = azaiond_factory(config_writer=clean_stack.write_config, env={"CREDENTIALS_DIRECTORY": str(creds)})
     _wait_authenticated(d, user.email)
     d.stop()
+
+
+def _unlock_outcome(d: DaemonHandle) -> dict[str, Any]:
+    assert "result" in d.call("unlock")  # no params: the daemon's own login credential, as at boot
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status: dict[str, Any] = d.call("unlock_status")["result"]
+        if status["state"] in ("ready", "error"):
+            return status
+        time.sleep(0.05)
+    raise AssertionError("the unlock did not finish")
+
+
+def test_every_password_goes_through_the_boot_unlock_login(
+    clean_stack: DevStack, azaiond_factory: Factory, dockerd: Dockerd, tmp_path: Path
+) -> None:
+    """The boot unlock logs in with the credential, then fetches the key fragment and opens the
+    archive. The archive here is noise, so a run that got past the login ends in ``integrity``;
+    a password that did not survive the credential ends in ``not_authenticated``."""
+    archive = tmp_path / "images.enc"
+    archive.write_bytes(os.urandom(4096))
+    overrides = {
+        "unlock": {"archive": str(archive), "version": "1", "images": [f"azaion/{unique_name('cred')}:1"]},
+        "docker": {"base_url": dockerd.url},
+    }
+    wrong = User(f"{unique_name('cred')}@example.com", "the-right-one", "Admin")
+    clean_stack.refserver.add_user(wrong)
+    cases = [(User(f"{unique_name('cred')}@example.com", p, "Admin"), p) for p in PASSWORDS]
+    for i, (user, typed) in enumerate([*cases, (wrong, "not-the-right-one")]):
+        if user is not wrong:
+            clean_stack.refserver.add_user(user)
+        creds = tmp_path / f"unlock-creds{i}"
+        done = azaionctl("credential", "login", user.email, "-o", str(creds / "login"), "--no-encrypt",
+                         stdin=typed + "\n")
+        assert done.returncode == 0, done.stderr
+        d = azaiond_factory(config_writer=clean_stack.write_config, overrides=overrides,
+                            env={"CREDENTIALS_DIRECTORY": str(creds)}, name=f"unlock{i}")
+        outcome = _unlock_outcome(d)
+        want = "not_authenticated" if user is wrong else "integrity"
+        assert outcome["state"] == "error" and outcome["error"]["kind"] == want, (typed, outcome)
+        assert typed not in d.log_text()
+        d.stop()
