@@ -223,28 +223,30 @@ class Dispatcher:
                 log.exception("a call observer failed")
 
     @staticmethod
-    def _pass_reply_fds(name: str, call: Call, ctx: _Context) -> None:
-        """Hand the descriptors a handler made for its reply to the transport, or refuse them."""
-        if ctx.reply_fds is None:
+    def _result(name: str, result: Any, call: Call, ctx: _Context) -> dict[str, Any]:
+        """The handler's result as a plain dict; descriptors it made for the reply go to the
+        transport (only a single request with an id can carry them)."""
+        if type(result) is not dict:
+            if not isinstance(result, Mapping):
+                log.error("method %s returned %s, not an object", name, type(result).__name__)
+                raise InvalidCall(INTERNAL_ERROR, "internal error", "internal")
+            result = dict(result)
+        if call.reply_fds:
+            if ctx.reply_fds is None:
+                raise InvalidParams(f"{name}: a reply descriptor needs a single request, not a batch or a notification")
+            ctx.reply_fds.extend(call.reply_fds)
+            call.reply_fds.clear()
+        plain: dict[str, Any] = result
+        return plain
+
+    @staticmethod
+    def _failure(name: str, exc: Exception, call: Call | None = None) -> tuple[str, JsonRpcError]:
+        """The kind a failed call is recorded with, and the JSON-RPC error its caller gets.
+
+        Descriptors the handler made for the reply are closed: an error carries none."""
+        if call is not None and call.reply_fds:
             _close_fds(call.reply_fds)
             call.reply_fds.clear()
-            raise InvalidParams(f"{name}: a reply descriptor needs a single request, not a batch or a notification")
-        ctx.reply_fds.extend(call.reply_fds)
-        call.reply_fds.clear()
-
-    @staticmethod
-    def _object(name: str, result: Any) -> dict[str, Any]:
-        if type(result) is dict:
-            plain: dict[str, Any] = result
-            return plain
-        if not isinstance(result, Mapping):
-            log.error("method %s returned %s, not an object", name, type(result).__name__)
-            raise InvalidCall(INTERNAL_ERROR, "internal error", "internal")
-        return dict(result)
-
-    @staticmethod
-    def _failure(name: str, exc: Exception) -> tuple[str, JsonRpcError]:
-        """The kind a failed call is recorded with, and the JSON-RPC error its caller gets."""
         if isinstance(exc, InvalidCall):
             return exc.kind, exc.error
         if isinstance(exc, AzaionError):
@@ -265,15 +267,11 @@ class Dispatcher:
             kind: str | None = "internal"
             try:
                 call = self._begin(spec, args, kwargs)
-                result = self._object(name, handler(call))
-                if call.reply_fds:
-                    self._pass_reply_fds(name, call, args[0])
+                result = self._result(name, handler(call), call, args[0])
                 kind = None
                 return result
             except Exception as exc:
-                if call is not None and call.reply_fds:
-                    _close_fds(call.reply_fds)  # the reply that would have carried them is an error
-                kind, error = self._failure(name, exc)
+                kind, error = self._failure(name, exc, call)
                 raise error from None
             finally:
                 record(name, args[0].peer, kind, start, call)
@@ -308,18 +306,14 @@ class Dispatcher:
                     self._settle_inline(ctx, reserved, result)
                 else:
                     result = handler(call)
-                out = Success(self._object(name, result))
-                if call.reply_fds:
-                    self._pass_reply_fds(name, call, ctx)
+                out = Success(self._result(name, result, call, ctx))
                 kind = None
                 return out
             except asyncio.CancelledError:
                 kind = "cancelled"
                 raise
             except Exception as exc:
-                if call is not None and call.reply_fds:
-                    _close_fds(call.reply_fds)  # the reply that would have carried them is an error
-                kind, error = self._failure(name, exc)
+                kind, error = self._failure(name, exc, call)
                 raise error from None
             finally:
                 record(name, ctx.peer, kind, start, call)
