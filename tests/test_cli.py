@@ -561,3 +561,39 @@ def test_sigterm_during_load_removes_the_temp_file(fake: FakeDaemon, tmp_path: P
     proc.communicate(timeout=30)
     assert proc.returncode == 143
     assert os.listdir(tmp_path) == []
+
+
+def _at_the_password_prompt(key: bytes) -> tuple[int, bytes]:
+    """azaionctl login on a real terminal (a pty as its controlling tty); press ``key`` at the
+    prompt. Returns the exit status and everything the terminal showed."""
+    pid, master = pty.fork()
+    if pid == 0:  # the child: its stdin, stdout and stderr are the pty
+        os.execv(sys.executable, [*CLI, "--socket", "/nonexistent/azaiond.sock", "login", "a@example.com"])
+    seen = bytearray()
+    try:
+        while b"assword" not in seen:
+            chunk = os.read(master, 1024)
+            assert chunk, seen
+            seen += chunk
+        os.write(master, key)
+        while True:
+            try:
+                chunk = os.read(master, 1024)
+            except OSError:  # EIO once the child is gone
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(master)
+    return os.waitstatus_to_exitcode(status), bytes(seen)
+
+
+def test_ctrl_d_and_ctrl_c_at_the_password_prompt_end_without_a_traceback() -> None:
+    status, seen = _at_the_password_prompt(b"\x04")  # Ctrl-D: end of input
+    assert status == exitcodes.EXIT_USAGE, seen
+    assert b"no password given" in seen and b"Traceback" not in seen
+    status, seen = _at_the_password_prompt(b"\x03")  # Ctrl-C: SIGINT from the terminal
+    assert status == 130, seen
+    assert b"Traceback" not in seen
