@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -135,6 +136,16 @@ def _measure(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
     return seconds, rss
 
 
+def _cpu() -> tuple[float, float]:
+    """CPU seconds (user + system) so far of (this process, its waited-for children).
+
+    During an upload variant this process runs only the S3 origin (moto idles), so the deltas
+    around one variant are the client's CPU (children: the child, openssl) and the origin's.
+    """
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
 def _py(*args: str) -> list[str]:
     return [sys.executable, __file__, "--child", *args]
 
@@ -204,9 +215,18 @@ def main() -> int:
         s3 = (sink.url, stack.write_keys.access_key, stack.write_keys.secret_key)
         out = work / "out.bin"
         rows: dict[str, list[tuple[float, int]]] = {}
+        cpu: dict[str, list[tuple[float, float]]] = {}  # (client, origin) CPU seconds per sample
 
         def record(name: str, result: tuple[float, int]) -> None:
             rows.setdefault(name, []).append(result)
+
+        def with_cpu(name: str, step: Any) -> Any:
+            def run() -> None:
+                origin0, client0 = _cpu()
+                step()
+                origin1, client1 = _cpu()
+                cpu.setdefault(name, []).append((client1 - client0, origin1 - origin0))
+            return run
 
         for i in range(args.repeat):
             # Upload: ours and the baseline (openssl enc to a file + boto3 upload_file), taking
@@ -234,7 +254,8 @@ def main() -> int:
             def ours_v2() -> None:
                 record("upload_v2", _measure(_py("upload", str(config), "res2.bin", str(plain), "2"), env))
 
-            for step in (ours, ours_v2, baseline) if i % 2 == 0 else (baseline, ours_v2, ours):
+            steps = [with_cpu("upload", ours), with_cpu("upload_v2", ours_v2), with_cpu("upload_baseline", baseline)]
+            for step in steps if i % 2 == 0 else steps[::-1]:
                 step()
             enc_out = work / "enc-only.bin"
             for fmt in (1, 2) if i % 2 == 0 else (2, 1):
@@ -290,6 +311,10 @@ def main() -> int:
             samples = " ".join(f"{s:.3f}" for s, _ in rows[k])
             print(f"  {k:16s} {med[k]:8.3f} s  {size_gib / med[k] if med[k] else 0:6.2f} GiB/s{extra}  [{samples}]")
         idle = rss["idle"]
+        print("CPU seconds per upload (medians; 2 cores give at most 2 per second of wall time):")
+        for k, v in cpu.items():
+            client, origin = statistics.median(c for c, _ in v), statistics.median(o for _, o in v)
+            print(f"  {k:16s} client {client:6.2f}  origin {origin:6.2f}  sum/wall {(client + origin) / med[k]:4.2f}")
         print("ratios (target):")
         if args.only == "upload":
             print(f"  upload / baseline        {med['upload'] / med['upload_baseline']:.3f}  (<= 1.10)")
