@@ -41,8 +41,10 @@ FOLDER = "bench"
 
 def _services(config_path: str) -> Any:
     from azaiond import config as cfg
-    from azaiond import wiring
+    from azaiond import malloc, wiring
     from azaiond.apiclient import Credentials
+
+    malloc.tune()  # what the daemon does first thing (azaiond/daemon.py)
 
     services = wiring.build_services(cfg.load(Path(config_path)))
     creds = json.loads(os.environ["BENCH_LOGIN"])
