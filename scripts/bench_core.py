@@ -35,6 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# The children run this file as a script (sys.path[0] is scripts/), and an editable install of
+# azaiond elsewhere on the machine would otherwise be what they import and measure.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 CHUNK = 1024 * 1024
 FOLDER = "bench"
 
