@@ -19,10 +19,18 @@ from types import TracebackType
 from typing import IO, Any
 
 MIN_PART = 5 * 1024 * 1024  # S3's smallest part but the last
+READ_BLOCK = 1024 * 1024  # the largest read botocore (payload hash) or urllib3 (send) asks for
 
 
 class FileSlice(io.RawIOBase):
-    """A seekable, readable window ``[start, start + length)`` of a file, for a request body."""
+    """A seekable, readable window ``[start, start + length)`` of a file, for a request body.
+
+    ``read`` returns a view of one buffer that the next ``read`` overwrites. Its readers here
+    consume each block at once: botocore hashes it for the request signature, urllib3 sends
+    it. ``io.RawIOBase.read`` would allocate a fresh buffer and a bytes copy of every block (two
+    passes of the whole part for the hash, two more for the send, and up to 2 MiB of heap per
+    part in flight); this reads each block once into memory that stays the same.
+    """
 
     def __init__(self, path: Path, start: int, length: int) -> None:
         super().__init__()
@@ -30,6 +38,7 @@ class FileSlice(io.RawIOBase):
         self._start = start
         self._length = length
         self._pos = 0
+        self._block: memoryview | None = None
 
     def __len__(self) -> int:
         return self._length
@@ -48,6 +57,17 @@ class FileSlice(io.RawIOBase):
         self._pos = max(0, min(self._length, base + offset))
         return self._pos
 
+    def read(self, size: int = -1, /) -> memoryview:
+        """The next ``size`` bytes (all that is left if negative), valid until the next read."""
+        left = self._length - self._pos
+        want = left if size < 0 else min(size, left)
+        if want <= 0:
+            return memoryview(b"")
+        if self._block is None or len(self._block) < want:
+            self._block = memoryview(bytearray(max(want, min(READ_BLOCK, self._length))))
+        n = self.readinto(self._block[:want])
+        return self._block[:n]
+
     def readinto(self, buffer: Any) -> int:
         want = min(len(buffer), self._length - self._pos)
         if want <= 0:
@@ -59,6 +79,7 @@ class FileSlice(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             os.close(self._fd)
+            self._block = None
         super().close()
 
 

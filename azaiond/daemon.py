@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from azaiond import __version__, logs, wiring
+from azaiond import __version__, logs, malloc, wiring
 from azaiond.config import load
 from azaiond.errors import AzaionError, ConfigError
 from azaiond.notify import Notifier
@@ -147,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
     """Start and serve until stopped; the exit status."""
     # Until the loop handles it (serve), a reload request must not end the daemon.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    malloc.tune()  # before any stream allocates (see azaiond/malloc.py)
     logs.setup("info")
     try:
         config = load(args.config)

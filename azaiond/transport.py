@@ -177,6 +177,12 @@ def api_session(user_agent: str = "azaiond") -> requests.Session:
     return session
 
 
+#: How much of a file body a CDN connection reads and sends at a time. urllib3's default is
+#: 16 KiB: 64 Python-level read/send turns per MiB of every part, each one taking the GIL from
+#: the thread that encrypts. TLS still cuts what is sent into its own records.
+SEND_BLOCK = 1024 * 1024
+
+
 class BotoSender:
     """botocore's ``before-send`` handler: send the request on our own watched pool.
 
@@ -189,7 +195,7 @@ class BotoSender:
         self._per_request = per_request
         self._connect = connect_timeout
         self._read = read_timeout
-        self._pools = urllib3.PoolManager(maxsize=16, block=False)
+        self._pools = urllib3.PoolManager(maxsize=16, block=False, blocksize=SEND_BLOCK)
         self._pools.pool_classes_by_scheme = _POOLS
 
     def close(self) -> None:

@@ -6,10 +6,12 @@ Load (warm cache) of SIZE into a file, against:
   - openssl:   ``openssl enc -d -aes-256-cbc`` on the same ciphertext;
   - bare loop: the same cryptography calls (update_into, reused buffers) with nothing around them.
 Upload of SIZE, against ``openssl enc`` to a file plus a boto3 ``upload_file`` of it to the same S3.
+Uploads go to scripts/s3sink.py (a fast S3-compatible origin on loopback), not to moto: moto's
+pure-Python S3 moves about 0.05 GiB/s and would be most of every upload's time.
 Load through the daemon into a descriptor, against the in-process load.
 Format v2 (sealed AES-GCM chunks) against v1: warm load, upload, and the encryption alone (the
 plaintext file sealed or CBC-encrypted into a file, nothing else), since the upload's time is
-mostly the S3 server's when that is moto.
+a check that the transfer is not what decides the upload ratio.
 
 Every variant runs in its own child process under ``/usr/bin/time -v`` for its peak RSS; an
 "idle" child that builds the same services and does no transfer is the RSS baseline. Variants
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import statistics
@@ -32,14 +35,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+# The children run this file as a script (sys.path[0] is scripts/), and an editable install of
+# azaiond elsewhere on the machine would otherwise be what they import and measure.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 CHUNK = 1024 * 1024
 FOLDER = "bench"
 
 
 def _services(config_path: str) -> Any:
     from azaiond import config as cfg
-    from azaiond import wiring
+    from azaiond import malloc, wiring
     from azaiond.apiclient import Credentials
+
+    malloc.tune()  # what the daemon does first thing (azaiond/daemon.py)
 
     services = wiring.build_services(cfg.load(Path(config_path)))
     creds = json.loads(os.environ["BENCH_LOGIN"])
@@ -102,7 +111,7 @@ def child(args: list[str]) -> None:
     elif kind == "s3put":
         import boto3
 
-        from tests.support.devstack import boto_config
+        from azaiond.cdn import botocore_config
 
         t = time.perf_counter()
         s3 = boto3.client(
@@ -111,7 +120,7 @@ def child(args: list[str]) -> None:
             aws_access_key_id=args[2],
             aws_secret_access_key=args[3],
             region_name="us-east-1",
-            config=boto_config(),
+            config=botocore_config(1),  # the daemon's settings, as the stack's own clients use them
         )
         s3.upload_file(args[4], FOLDER, args[5])
         seconds = time.perf_counter() - t
@@ -131,6 +140,16 @@ def _measure(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
     except (ValueError, IndexError):
         seconds = wall  # a plain command: its wall time
     return seconds, rss
+
+
+def _cpu() -> tuple[float, float]:
+    """CPU seconds (user + system) so far of (this process, its waited-for children).
+
+    During an upload variant this process runs only the S3 origin (moto idles), so the deltas
+    around one variant are the client's CPU (children: the child, openssl) and the origin's.
+    """
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
 
 
 def _py(*args: str) -> list[str]:
@@ -174,32 +193,46 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", choices=("all", "upload"), default="all",
+                        help="upload: only the upload, encrypt and idle variants (quicker)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp dir under /var/tmp")
     args = parser.parse_args()
 
     from azaiond import crypto
     from azaiond.resources import small_size
+    from scripts.s3sink import S3Sink
     from tests.support.devstack import DevStack
 
     work = Path(tempfile.mkdtemp(prefix="azbench-", dir=args.workdir or "/var/tmp"))
     stack = DevStack.start(work / "stack")
+    # Every upload (ours in both formats and boto3's baseline) goes to this origin; loads run
+    # from the warm cache and never reach the CDN. moto stays up only as the stack's S3.
+    sink = S3Sink(work / "sink")
     daemon: _Daemon | None = None
     try:
-        stack.ensure_bucket(FOLDER)
         socket_path = work / "d.sock"
-        config = stack.write_config(work / "config.yaml", work / "state", socket_path)
+        config = stack.write_config(work / "config.yaml", work / "state", socket_path, cdn={"endpoint": sink.url})
         env = dict(os.environ, BENCH_LOGIN=json.dumps({"email": stack.admin.email, "password": stack.admin.password}))
         plain = work / "plain.bin"
         with open(plain, "wb") as f:
             for _ in range(args.size_mb):
                 f.write(os.urandom(CHUNK))
         key = crypto.aes_key(stack.resource_key)
-        s3 = (stack.s3_url, stack.write_keys.access_key, stack.write_keys.secret_key)
+        s3 = (sink.url, stack.write_keys.access_key, stack.write_keys.secret_key)
         out = work / "out.bin"
         rows: dict[str, list[tuple[float, int]]] = {}
+        cpu: dict[str, list[tuple[float, float]]] = {}  # (client, origin) CPU seconds per sample
 
         def record(name: str, result: tuple[float, int]) -> None:
             rows.setdefault(name, []).append(result)
+
+        def with_cpu(name: str, step: Any) -> Any:
+            def run() -> None:
+                origin0, client0 = _cpu()
+                step()
+                origin1, client1 = _cpu()
+                cpu.setdefault(name, []).append((client1 - client0, origin1 - origin0))
+            return run
 
         for i in range(args.repeat):
             # Upload: ours and the baseline (openssl enc to a file + boto3 upload_file), taking
@@ -221,18 +254,22 @@ def main() -> int:
                 ossl_enc = time.perf_counter() - t
                 put, put_rss = _measure(_py("s3put", *s3, str(enc), f"baseline-{i}.bin"), env)
                 record("upload_baseline", (ossl_enc + put, put_rss))
-                stack.s3_admin_client().delete_object(Bucket=FOLDER, Key=f"baseline-{i}.bin")
+                sink.store.delete(FOLDER, f"baseline-{i}.bin")
                 enc.unlink()
 
             def ours_v2() -> None:
                 record("upload_v2", _measure(_py("upload", str(config), "res2.bin", str(plain), "2"), env))
 
-            for step in (ours, ours_v2, baseline) if i % 2 == 0 else (baseline, ours_v2, ours):
+            steps = [with_cpu("upload", ours), with_cpu("upload_v2", ours_v2), with_cpu("upload_baseline", baseline)]
+            for step in steps if i % 2 == 0 else steps[::-1]:
                 step()
             enc_out = work / "enc-only.bin"
             for fmt in (1, 2) if i % 2 == 0 else (2, 1):
                 record(f"encrypt_v{fmt}", _measure(_py("encrypt", key.hex(), str(plain), str(enc_out), str(fmt)), env))
             enc_out.unlink()
+            if args.only == "upload":
+                record("idle", _measure(_py("idle", str(config)), env))
+                continue
 
             # The same ciphertext as one file for the decrypt baselines: small part + cached big part.
             small = stack.refserver.get_part(FOLDER, "res.bin.small")
@@ -274,11 +311,25 @@ def main() -> int:
         print(f"\nbench_core: {args.size_mb} MiB, {args.repeat} runs, medians (peak RSS in MiB)")
         for k in ("load", "load_v2", "bare", "openssl", "daemon_load", "upload", "upload_v2", "upload_baseline",
                   "encrypt_v1", "encrypt_v2", "idle"):
+            if k not in rows:
+                continue
             extra = f"  rss {rss[k] / 1024:7.1f}" if rss[k] else ""
             samples = " ".join(f"{s:.3f}" for s, _ in rows[k])
             print(f"  {k:16s} {med[k]:8.3f} s  {size_gib / med[k] if med[k] else 0:6.2f} GiB/s{extra}  [{samples}]")
         idle = rss["idle"]
+        print("CPU seconds per upload (medians; 2 cores give at most 2 per second of wall time):")
+        for k, v in cpu.items():
+            client, origin = statistics.median(c for c, _ in v), statistics.median(o for _, o in v)
+            print(f"  {k:16s} client {client:6.2f}  origin {origin:6.2f}  sum/wall {(client + origin) / med[k]:4.2f}")
         print("ratios (target):")
+        if args.only == "upload":
+            print(f"  upload / baseline        {med['upload'] / med['upload_baseline']:.3f}  (<= 1.10)")
+            print(f"  v2 upload / v1 upload    {med['upload_v2'] / med['upload']:.3f}  (<= 0.7)")
+            print(f"  v2 upload / baseline     {med['upload_v2'] / med['upload_baseline']:.3f}")
+            print(f"  v2 encrypt / v1 encrypt  {med['encrypt_v2'] / med['encrypt_v1']:.3f}  (the upload's own work)")
+            for k in ("upload", "upload_v2"):
+                print(f"  {k + ' peak RSS above idle':30s} {(rss[k] - idle) / 1024:.1f} MiB  (<= 64)")
+            return 0
         print(f"  load / bare loop         {med['load'] / med['bare']:.3f}  (<= 1.10)")
         print(f"  load / openssl           {med['load'] / med['openssl']:.3f}")
         print(f"  bare / openssl           {med['bare'] / med['openssl']:.3f}  (0.60 on a trial machine)")
@@ -292,6 +343,7 @@ def main() -> int:
     finally:
         if daemon is not None:
             daemon.stop()
+        sink.stop()
         stack.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -60,8 +60,10 @@ def _rss_kib() -> int:
 def child(args: dict[str, Any]) -> None:
     """Run one unlock with the daemon's classes and print timings and RSS as JSON."""
 
-    from azaiond import wiring
+    from azaiond import malloc, wiring
     from azaiond.apiclient import Credentials
+
+    malloc.tune()  # what the daemon does first thing (azaiond/daemon.py)
     from azaiond.config import ApiConfig, Config, DockerConfig, UnlockConfig
     from azaiond.unlock import RUNNING
 
@@ -79,16 +81,31 @@ def child(args: dict[str, Any]) -> None:
     idle = _rss_kib()
     started = time.perf_counter()
     job.start(None)
+    phases: dict[str, float] = {}  # state -> when it was first seen (polled every 10 ms)
     while (status := job.status())["state"] in RUNNING:
+        phases.setdefault(status["state"], time.perf_counter() - started)
         time.sleep(0.01)
     elapsed = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"status": status, "seconds": elapsed, "idle_kib": idle, "peak_kib": peak}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"status": status, "seconds": elapsed, "idle_kib": idle, "peak_kib": usage.ru_maxrss,
+                      "cpu": usage.ru_utime + usage.ru_stime, "minflt": usage.ru_minflt, "phases": phases}))
 
 
 def _reset(engine: Dockerd) -> None:
     engine.remove_images(NAME)
     engine.cli("image", "prune", "-af")
+    # The previous method's 1 GiB of layer data is still being written back; without this the
+    # method that runs next pays for it, and with a fixed order that is always the same method.
+    os.sync()
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far; 0 when it is not ours to read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _disk_used(path: Path) -> int:
@@ -224,6 +241,9 @@ def main() -> int:
     rss: dict[str, list[int]] = {"job": [], "job_v2": []}
     idle: list[int] = []
     disk: dict[str, list[int]] = {m: [] for m in methods}
+    cpu: dict[str, list[tuple[float, float]]] = {"job": [], "job_v2": []}  # (the job's own, dockerd's)
+    # Seconds from the start to the first sight of each state, and to the end ("ready").
+    phases: dict[str, list[dict[str, float]]] = {"job": [], "job_v2": []}
     with ExitStack() as stack:
         if args.docker_url:
             engine = Dockerd(args.docker_url, Path("/nonexistent"), 0)
@@ -243,14 +263,19 @@ def main() -> int:
         run_piped(engine, enc, fragment)
         for round_ in range(args.repeat):
             order = methods[round_ % len(methods) :] + methods[: round_ % len(methods)]  # who goes first
+            if round_ % 2:
+                order.reverse()  # so job and job_v2 each run right after the other as often
             for method in order:
                 _reset(engine)
+                engine_cpu = _proc_cpu(engine.pid)
                 with DiskPeak(work) as peak:
                     if method in ("job", "job_v2"):
                         archive = enc if method == "job" else work / "images-v2.enc"
                         result = run_job(engine, ref.url, archive, work)
                         times[method].append(result["seconds"])
                         rss[method].append(result["peak_kib"] - result["idle_kib"])
+                        cpu[method].append((result["cpu"], _proc_cpu(engine.pid) - engine_cpu))
+                        phases[method].append({**result["phases"], "ready": result["seconds"]})
                         idle.append(result["idle_kib"])
                         got = engine.cli("image", "inspect", "--format", "{{.Id}}", NAME).strip()
                         assert got == image_id, got
@@ -266,6 +291,7 @@ def main() -> int:
             times["names_v2"].append(run_names(work / "images-v2.enc", fragment))
 
     med = {k: statistics.median(v) for k, v in times.items()}
+    paired = [v2 / v1 for v1, v2 in zip(times["job"], times["job_v2"], strict=True)]
     gib = args.size_mib / 1024
     report = {
         "archive_mib": args.size_mib,
@@ -275,8 +301,19 @@ def main() -> int:
         "ratio_job_to_piped": round(med["job"] / med["piped"], 3),
         "ratio_job_to_seed": round(med["job"] / med["seed"], 3),
         "ratio_job_v2_to_job": round(med["job_v2"] / med["job"], 3),
+        # Within each round the two ran minutes apart at most; the median of those ratios is
+        # less exposed to the machine's drift than the ratio of the medians.
+        "ratio_job_v2_to_job_per_round": {
+            "median": round(statistics.median(paired), 3), "min": round(min(paired), 3), "max": round(max(paired), 3)},
+        "samples": {k: [round(x, 2) for x in v] for k, v in times.items() if k in methods},
         "names_pass_share_of_job": {"v1": round(med["names_v1"] / med["job"], 4),
                                     "v2": round(med["names_v2"] / med["job_v2"], 4)},
+        # Where an unlock's time goes besides waiting: the job process's CPU (its whole life, login
+        # and imports included) and the engine's during the method (dockerd only, not containerd).
+        "cpu_seconds_median": {k: {"job": round(statistics.median(c for c, _ in v), 2),
+                                   "dockerd": round(statistics.median(d for _, d in v), 2)} for k, v in cpu.items()},
+        "phase_start_seconds_median": {
+            k: {p: round(statistics.median(r[p] for r in v if p in r), 2) for p in v[0]} for k, v in phases.items()},
         "job_rss_idle_mib": round(statistics.median(idle) / 1024, 1),
         "job_rss_above_idle_mib": {k: round(max(v) / 1024, 1) for k, v in rss.items()},
         "peak_disk_growth_mib": {k: round(max(v) / MIB) for k, v in disk.items()},
