@@ -183,6 +183,32 @@ def api_session(user_agent: str = "azaiond") -> requests.Session:
 SEND_BLOCK = 1024 * 1024
 
 
+# Set on the connection, not through PoolManager(blocksize=...): urllib3 1.26 (Debian 12)
+# has no pool key for it and fails every request with a TypeError. Both 1.26 and 2.x read the
+# attribute that http.client's constructor sets.
+class _CdnHTTPConnection(WatchedHTTPConnection):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.blocksize = SEND_BLOCK
+
+
+class _CdnHTTPSConnection(WatchedHTTPSConnection):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.blocksize = SEND_BLOCK
+
+
+class _CdnHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _CdnHTTPConnection
+
+
+class _CdnHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _CdnHTTPSConnection
+
+
+_CDN_POOLS: dict[str, type[HTTPConnectionPool]] = {"http": _CdnHTTPPool, "https": _CdnHTTPSPool}
+
+
 class BotoSender:
     """botocore's ``before-send`` handler: send the request on our own watched pool.
 
@@ -195,8 +221,8 @@ class BotoSender:
         self._per_request = per_request
         self._connect = connect_timeout
         self._read = read_timeout
-        self._pools = urllib3.PoolManager(maxsize=16, block=False, blocksize=SEND_BLOCK)
-        self._pools.pool_classes_by_scheme = _POOLS
+        self._pools = urllib3.PoolManager(maxsize=16, block=False)
+        self._pools.pool_classes_by_scheme = _CDN_POOLS
 
     def close(self) -> None:
         self._pools.clear()
