@@ -54,10 +54,3 @@ def check_url(value: str, *, allow_insecure_http: bool = False) -> str:
     del port
     return value.rstrip("/")
 
-
-def insecure(url: str | None) -> bool:
-    """True for an http:// URL to a host other than this machine."""
-    if not url:
-        return False
-    parts = urllib.parse.urlsplit(url)
-    return parts.scheme == "http" and not is_loopback(parts.hostname or "")
