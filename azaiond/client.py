@@ -346,6 +346,8 @@ class Client:
             if len(self._buffer) > MAX_REPLY_BYTES:
                 raise ProtocolError("the daemon's reply is too long")
             try:
+                # Not socket.recv_fds: it drops its flags argument, and these descriptors must
+                # arrive close-on-exec (MSG_CMSG_CLOEXEC), never leaking into a child first.
                 chunk, ancdata, flags, _ = self._sock.recvmsg(1 << 16, _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
                 for level, kind, data in ancdata:
                     if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -497,8 +499,12 @@ class MemoryResource:
         self.close()
 
 
-def _payload(data: bytes | None) -> dict[str, Any]:
-    return {} if data is None else {"data": base64.b64encode(data).decode("ascii")}
+def _payload(data: bytes | None, size: int | None = None) -> dict[str, Any]:
+    """An upload's input params: inline ``data`` (base64) and the ``size`` the daemon must read."""
+    params: dict[str, Any] = {} if data is None else {"data": base64.b64encode(data).decode("ascii")}
+    if size is not None:
+        params["size"] = size
+    return params
 
 
 class AzaionClient(Client):
@@ -553,11 +559,9 @@ class AzaionClient(Client):
     ) -> Uploaded:
         """From ``fd`` or ``data``. ``size``: the bytes the daemon must read, or it commits
         nothing (``invalid_params``); ``format``: 1 or 2, else the daemon's default."""
-        params: dict[str, Any] = {"name": name, "folder": folder, **_payload(data)}
+        params: dict[str, Any] = {"name": name, "folder": folder, **_payload(data, size)}
         if format is not None:
             params["format"] = format
-        if size is not None:
-            params["size"] = size
         return cast(Uploaded, self.call("upload", params, fd=fd, progress=progress))
 
     def prefetch(self, name: str, folder: str, *, progress: ProgressCallback | None = None) -> Prefetched:
@@ -580,17 +584,13 @@ class AzaionClient(Client):
         self, name: str, folder: str, *, fd: int | None = None, data: bytes | None = None, size: int | None = None
     ) -> Uploaded:
         """Store bytes as they are on the Resource API as file ``name`` of ``folder``."""
-        params: dict[str, Any] = {"name": name, "folder": folder, **_payload(data)}
-        if size is not None:
-            params["size"] = size
+        params = {"name": name, "folder": folder, **_payload(data, size)}
         return cast(Uploaded, self.call("api_upload", params, fd=fd))
 
     def cdn_upload(
         self, bucket: str, key: str, *, fd: int | None = None, data: bytes | None = None, size: int | None = None
     ) -> Uploaded:
-        params: dict[str, Any] = {"bucket": bucket, "key": key, **_payload(data)}
-        if size is not None:
-            params["size"] = size
+        params = {"bucket": bucket, "key": key, **_payload(data, size)}
         return cast(Uploaded, self.call("cdn_upload", params, fd=fd))
 
     def cdn_download(self, bucket: str, key: str, *, fd: int | None = None) -> Loaded:

@@ -251,10 +251,6 @@ def _bool(value: Any) -> bool:
     return value
 
 
-def _optional_path(value: Any) -> Path | None:
-    return _path(value)
-
-
 def _path(value: Any) -> Path:
     path = Path(_str(value))
     if not path.is_absolute():
@@ -398,7 +394,7 @@ def parse(data: Mapping[str, Any] | None, source: str = "<config>") -> Config:
 
     r = top.section("metrics")
     metrics = MetricsConfig(
-        textfile=r.take("textfile", d.metrics.textfile, _optional_path, "an absolute path ending in .prom"),
+        textfile=r.take("textfile", d.metrics.textfile, _path, "an absolute path ending in .prom"),
         textfile_interval=r.take(
             "textfile_interval", d.metrics.textfile_interval, _float(1, 3600), "seconds, 1-3600"
         ),

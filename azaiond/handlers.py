@@ -94,20 +94,25 @@ class Handlers:
             return self._load_memfd(call, name, folder)
         if call.fd is not None:
             require_writable(call.fd, "load")
-            phases = LoadProgress(call.progress)
-            with FdSink(call.fd, call.cancel, self._stall, phases.written) as sink:
-                result = self._resources.load(name, folder, sink, call.cancel, phases.fetched)
-            call.facts["bytes"] = result.size
-            self._cache_fact(call, result)
-            return _load_result(result)
+            return _load_result(self._load_into(call, name, folder, call.fd))
         buffer = CappedBuffer(self._inline_limit)
         result = self._resources.load(name, folder, buffer, call.cancel)
-        call.facts["bytes"] = result.size
-        self._cache_fact(call, result)
+        self._load_facts(call, result)
         return {**_load_result(result), "data": _b64(buffer.buffer)}
 
+    def _load_into(self, call: Call, name: str, folder: str, fd: int, limit: int | None = None) -> LoadResult:
+        """Load into ``fd`` with the CDN phase as progress; past ``limit`` bytes (a memfd's
+        cap), ``too_large``."""
+        phases = LoadProgress(call.progress)
+        with FdSink(fd, call.cancel, self._stall, phases.written) as out:
+            sink = out if limit is None else CappedSink(out, limit, "memfd_max_mb")
+            result = self._resources.load(name, folder, sink, call.cancel, phases.fetched)
+        self._load_facts(call, result)
+        return result
+
     @staticmethod
-    def _cache_fact(call: Call, result: LoadResult) -> None:
+    def _load_facts(call: Call, result: LoadResult) -> None:
+        call.facts["bytes"] = result.size
         if result.cache_hit is not None:
             call.facts["cache"] = "hit" if result.cache_hit else "miss"
 
@@ -148,21 +153,17 @@ class Handlers:
         Its pages are charged to the daemon's cgroup, also after the caller took it, so it is
         capped at ``resources.memfd_max_mb``: past that, ``too_large`` and nothing is passed.
         """
+        # Checked before the names go into the memfd's own name (a NUL there would be an error).
         check_name(name)
         check_name(folder, "folder")
         fd = memfd.create(f"azaiond:{folder}/{name}")
         try:
-            phases = LoadProgress(call.progress)
-            with FdSink(fd, call.cancel, self._stall, phases.written) as out:
-                sink = CappedSink(out, self._memfd_limit, "memfd_max_mb")
-                result = self._resources.load(name, folder, sink, call.cancel, phases.fetched)
+            result = self._load_into(call, name, folder, fd, self._memfd_limit)
             memfd.seal(fd)
         except BaseException:
             os.close(fd)
             raise
         call.reply_fds.append(fd)
-        call.facts["bytes"] = result.size
-        self._cache_fact(call, result)
         return {**_load_result(result), "memfd": True}
 
     # -- admin ---------------------------------------------------------------------------

@@ -31,8 +31,3 @@ def seal(fd: int) -> None:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
     except OSError as exc:
         raise StorageError(f"cannot seal the memory file: {exc.strerror or exc}") from exc
-
-
-def is_sealed(fd: int) -> bool:
-    """True when every seal of ``SEALS`` is set on ``fd``."""
-    return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS == SEALS

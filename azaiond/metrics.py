@@ -1,10 +1,11 @@
 """Counters, gauges and histograms since the daemon started, as JSON and as Prometheus text.
 
-Services feed this through a few plain methods (``count_call``, ``add_bytes``, ``cache_event``,
-``api_latency``, ``cdn_latency``, ``unlock_finished``) and gauges read at scrape time; nothing
-here knows the RPC layer (the wiring turns each finished call's record into ``count_call``).
-Every update takes one uncontended lock for a few dict operations, so feeding costs
-well under a microsecond; the text is built only when someone asks for it.
+Services feed this through a few plain methods (``count_call``, ``add_bytes``, ``api_latency``,
+``cdn_latency``, ``unlock_finished``), and counters and gauges they keep themselves are read
+when metrics are asked for (``cache_counts``, ``gauge``). Nothing here knows the RPC layer (the
+wiring turns each finished call's record into ``count_call``). Every update takes one
+uncontended lock for a few dict operations, so feeding costs well under a microsecond; the
+text is built only when someone asks for it.
 """
 
 from __future__ import annotations
@@ -120,11 +121,6 @@ class Metrics:
     def add_bytes(self, what: str, count: int) -> None:
         with self._lock:
             self._bytes[what] = self._bytes.get(what, 0) + count
-
-    def cache_event(self, what: str, count: int = 1) -> None:
-        """``evictions`` (or hits/misses from a service that knows them first hand)."""
-        with self._lock:
-            self._cache[what] = self._cache.get(what, 0) + count
 
     def api_latency(self, seconds: float) -> None:
         with self._lock:

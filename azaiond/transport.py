@@ -183,19 +183,27 @@ def api_session(user_agent: str = "azaiond") -> requests.Session:
 SEND_BLOCK = 1024 * 1024
 
 
-# Set on the connection, not through PoolManager(blocksize=...): urllib3 1.26 (Debian 12)
-# has no pool key for it and fails every request with a TypeError. Both 1.26 and 2.x read the
-# attribute that http.client's constructor sets.
-class _CdnHTTPConnection(WatchedHTTPConnection):
+class _LargeBlocks:
+    """Mixed into the CDN's connections: send bodies in ``SEND_BLOCK`` pieces.
+
+    Set on the connection, not through PoolManager(blocksize=...): urllib3 1.26 (Debian 12)
+    has no pool key for it and fails every request with a TypeError. Both 1.26 and 2.x read
+    the attribute that http.client's constructor sets.
+    """
+
+    blocksize: int
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.blocksize = SEND_BLOCK
 
 
-class _CdnHTTPSConnection(WatchedHTTPSConnection):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.blocksize = SEND_BLOCK
+class _CdnHTTPConnection(_LargeBlocks, WatchedHTTPConnection):
+    pass
+
+
+class _CdnHTTPSConnection(_LargeBlocks, WatchedHTTPSConnection):
+    pass
 
 
 class _CdnHTTPPool(HTTPConnectionPool):

@@ -82,17 +82,15 @@ def observe_cdn(session: boto3.session.Session, metrics: Metrics) -> None:
     def before(context: dict[str, Any], **kwargs: Any) -> None:
         context["azaiond_start"] = time.perf_counter()
 
-    def after(context: dict[str, Any], parsed: Mapping[str, Any], model: Any, **kwargs: Any) -> None:
-        start = context.get("azaiond_start")
-        if start is not None:
-            metrics.cdn_latency(time.perf_counter() - start)
-        if getattr(model, "name", "") == "GetObject" and isinstance(parsed.get("ContentLength"), int):
-            metrics.add_bytes("cdn_fetched", parsed["ContentLength"])
-
     def failed(context: dict[str, Any], **kwargs: Any) -> None:
         start = context.get("azaiond_start")
         if start is not None:
             metrics.cdn_latency(time.perf_counter() - start)
+
+    def after(context: dict[str, Any], parsed: Mapping[str, Any], model: Any, **kwargs: Any) -> None:
+        failed(context)  # the latency, as for a failed request
+        if getattr(model, "name", "") == "GetObject" and isinstance(parsed.get("ContentLength"), int):
+            metrics.add_bytes("cdn_fetched", parsed["ContentLength"])
 
     session.events.register("before-call.s3", before)
     session.events.register("after-call.s3", after)
@@ -317,6 +315,7 @@ def build_services(
                                       "cdn.range_mb", "cdn.parallel"), new_cdn_settings)
     hooks.register("the cache", ("resources.cache_max_mb",),
                    lambda new: cache.set_limit(new.resources.cache_max_bytes))
+
     def new_prefetch_list(new: Config) -> None:
         prefetcher.replace(new.resources.prefetch)
         if api.authenticated:

@@ -58,9 +58,8 @@ def cmd_cache_drop(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_cache_prefetch(ctx: Context, args: argparse.Namespace) -> int:
-    with Progress(f"prefetch {args.folder}/{args.name}", ctx.stderr, phase="from the CDN") as bar:
-        result = ctx.client.call("prefetch", {"name": args.name, "folder": args.folder},
-                                 progress=bar.daemon if bar.enabled else None)
+    with Progress(f"prefetch {args.folder}/{args.name}", ctx.stderr) as bar:
+        result = ctx.client.call("prefetch", {"name": args.name, "folder": args.folder}, progress=bar.listener)
     ctx.show(result, f"cached {args.folder}/{args.name} ({result.get('big_size')} bytes of big part)")
     return exitcodes.EXIT_OK
 

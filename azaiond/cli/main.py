@@ -95,8 +95,7 @@ def _download(ctx: Context, method: str, params: dict[str, Any], target: str | N
         sys.stdout.flush()
         # Into a pipe: no file to sample, but the CDN phase of a cold load still shows.
         with Progress(label, ctx.stderr) as bar:
-            result = ctx.client.call(method, params, fd=sys.stdout.fileno(),
-                                     progress=bar.daemon if bar.enabled else None)
+            result = ctx.client.call(method, params, fd=sys.stdout.fileno(), progress=bar.listener)
         ctx.show(result, f"wrote {result.get('size')} bytes to stdout (sha256 {result.get('sha256')})", True)
         return exitcodes.EXIT_OK
     try:
@@ -109,8 +108,7 @@ def _download(ctx: Context, method: str, params: dict[str, Any], target: str | N
             return out.size(), None
 
         with Progress(label, ctx.stderr, sample) as bar:
-            # Only ask for notifications when a bar shows them: they cost the daemon a little.
-            result = ctx.client.call(method, params, fd=out.fd, progress=bar.daemon if bar.enabled else None)
+            result = ctx.client.call(method, params, fd=out.fd, progress=bar.listener)
         written = out.size()
         if written != result.get("size"):
             # The daemon's count and the file disagree: never present a short file as done.

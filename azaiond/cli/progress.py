@@ -85,9 +85,15 @@ class Progress:
                 self.label = label
 
     def daemon(self, done: int, total: int | None) -> None:
-        """A progress notification of the daemon: ``client.call(..., progress=bar.daemon)``."""
+        """A progress notification of the daemon (see ``listener``)."""
         with self._lock:
             self._pushed = (done, total)
+
+    @property
+    def listener(self) -> Callable[[int, int | None], None] | None:
+        """What to pass as ``client.call(..., progress=)``: ``daemon`` when the bar is shown,
+        else None, so the daemon sends no notifications nobody draws."""
+        return self.daemon if self.enabled else None
 
     def rate(self, label: str, done: int) -> float | None:
         """Bytes per second over the last few seconds of ``label``'s samples; None at first."""

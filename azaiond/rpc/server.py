@@ -84,8 +84,8 @@ class Server:
 
     def set_limits(self, limits: ConnectionLimits, *, admin_groups: Sequence[str]) -> None:
         """New limits (a live reload, on the loop): they apply from the next check on; open
-        connections over a lowered count stay, and new ones wait below it. Admin groups
-        apply to connections accepted from now on."""
+        connections over a lowered count stay, and new ones are refused ``busy`` until the
+        count is below it. Admin groups apply to connections accepted from now on."""
         self._limits = limits
         self._counts.set_limits(limits)
         self._admin_groups = tuple(admin_groups)
@@ -255,10 +255,10 @@ class Server:
         them; the caller still owns and closes them.
         """
         sock = conn.sock
-        pending = list(fds)
+        pending = fds
         try:
             n = socket.send_fds(sock, [data], pending) if pending else sock.send(data)
-            pending = []
+            pending = ()
         except (BlockingIOError, InterruptedError):
             n = 0
         if n == len(data):
@@ -281,7 +281,7 @@ class Server:
                 sent = socket.send_fds(sock, [view], pending) if pending else sock.send(view)
             except (BlockingIOError, InterruptedError):
                 continue
-            pending = []
+            pending = ()
             view = view[sent:]
 
     def _notify(self, conn: Connection, line: bytes) -> None:
