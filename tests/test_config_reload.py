@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from azaiond.cdn import endpoint_for
 from azaiond.errors import CdnError, ConfigError
 from azaiond.reload import ReloadHooks, changed_keys
 from tests.fixtures_daemon import DaemonHandle, daemon_env, recv_line
+from tests.support.polling import wait_until
 
 Factory = Callable[..., DaemonHandle]
 
@@ -28,14 +28,9 @@ def _check(path: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, env=daemon_env(), timeout=30, check=False)
 
 
-def _wait_log(d: DaemonHandle, text: str, timeout: float = 20.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        log = d.log_text()
-        if text in log:
-            return log
-        time.sleep(0.02)
-    raise AssertionError(f"{text!r} never logged:\n{d.log_text()}")
+def _wait_log(d: DaemonHandle, text: str) -> str:
+    assert wait_until(lambda: text in d.log_text()), f"{text!r} never logged:\n{d.log_text()}"
+    return d.log_text()
 
 
 def test_check_config_lists_every_error_at_once(tmp_path: Path) -> None:
@@ -161,10 +156,7 @@ def test_reload_changes_the_log_level_live(azaiond_factory: Factory) -> None:
     assert "log_level: expected one of debug, info, warning, error" in line and "api.url: plain http://" in line
     before = log.count("connection from pid")
     assert d.call("health")["result"] == {"status": "healthy"}  # still serving, still at debug
-    deadline = time.monotonic() + 20
-    while d.log_text().count("connection from pid") == before and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert d.log_text().count("connection from pid") > before
+    assert wait_until(lambda: d.log_text().count("connection from pid") > before)
     assert d.proc.poll() is None
     d.stop()
 

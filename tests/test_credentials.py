@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from tests.fixtures_daemon import DaemonHandle
 from tests.fixtures_stack import unique_name
 from tests.support.devdocker import Dockerd
 from tests.support.devstack import DevStack
+from tests.support.polling import wait_until
 from tests.support.refserver import User
 
 Factory = Callable[..., DaemonHandle]
@@ -68,14 +68,8 @@ def test_cli_writes_json_that_round_trips(tmp_path: Path) -> None:
 
 
 def _wait_authenticated(d: DaemonHandle, email: str) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        status = d.call("status")["result"]
-        if status["authenticated"]:
-            assert status["user"]["email"] == email
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"never logged in:\n{d.log_text()}")
+    assert wait_until(lambda: d.call("status")["result"]["authenticated"]), f"never logged in:\n{d.log_text()}"
+    assert d.call("status")["result"]["user"]["email"] == email
 
 
 def test_every_password_logs_in_through_the_credential(
@@ -122,13 +116,10 @@ def test_encrypted_credential_round_trips(clean_stack: DevStack, azaiond_factory
 
 def _unlock_outcome(d: DaemonHandle) -> dict[str, Any]:
     assert "result" in d.call("unlock")  # no params: the daemon's own login credential, as at boot
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        status: dict[str, Any] = d.call("unlock_status")["result"]
-        if status["state"] in ("ready", "error"):
-            return status
-        time.sleep(0.05)
-    raise AssertionError("the unlock did not finish")
+    assert wait_until(lambda: d.call("unlock_status")["result"]["state"] in ("ready", "error"), timeout=60), \
+        "the unlock did not finish"
+    status: dict[str, Any] = d.call("unlock_status")["result"]
+    return status
 
 
 def test_every_password_goes_through_the_boot_unlock_login(

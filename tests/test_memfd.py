@@ -8,7 +8,6 @@ import hashlib
 import json
 import mmap
 import os
-import time
 from collections.abc import Callable
 
 import pytest
@@ -18,6 +17,7 @@ from azaiond.errors import InvalidParams, NotFound, TooLarge
 from tests.fixtures_daemon import DaemonHandle, connect, recv_line
 from tests.fixtures_stack import unique_name
 from tests.support.devstack import DevStack
+from tests.support.polling import wait_until
 
 Factory = Callable[..., DaemonHandle]
 
@@ -25,17 +25,18 @@ Factory = Callable[..., DaemonHandle]
 def memfds(d: DaemonHandle) -> list[str]:
     """The daemon's open memfds, once it has had a moment to close what it just sent (it
     closes its copy right after sendmsg, which may be after the caller got the reply)."""
-    deadline = time.monotonic() + 10
-    while True:
+
+    def open_now() -> list[str]:
         out = []
         for name in os.listdir(f"/proc/{d.proc.pid}/fd"):
             with contextlib.suppress(OSError):
                 target = os.readlink(f"/proc/{d.proc.pid}/fd/{name}")
                 if target.startswith("/memfd:"):
                     out.append(target)
-        if not out or time.monotonic() > deadline:
-            return out
-        time.sleep(0.02)
+        return out
+
+    wait_until(lambda: not open_now(), timeout=10)
+    return open_now()
 
 
 SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
