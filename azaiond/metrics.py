@@ -1,9 +1,9 @@
 """Counters, gauges and histograms since the daemon started, as JSON and as Prometheus text.
 
-Services feed this through a few plain methods (``count_call``, ``add_bytes``, ``api_latency``,
+Services feed this through a few plain methods (``observe_call``, ``add_bytes``, ``api_latency``,
 ``cdn_latency``, ``unlock_finished``), and counters and gauges they keep themselves are read
 when metrics are asked for (``cache_counts``, ``gauge``). Nothing here knows the RPC layer (the
-wiring turns each finished call's record into ``count_call``). Every update takes one
+wiring hands ``observe_call`` to the dispatcher, which calls it with each finished call). Every update takes one
 uncontended lock for a few dict operations, so feeding costs well under a microsecond; the
 text is built only when someone asks for it.
 """
@@ -91,20 +91,19 @@ class Metrics:
     # -- feeding ----------------------------------------------------------------------------
 
     def observe_call(self, record: FinishedCall) -> None:
-        """A call observer: the wiring hands this to the dispatcher."""
-        self.count_call(record.method, record.kind, record.facts)
-
-    def count_call(self, method: str, kind: str | None, facts: Mapping[str, Any]) -> None:
-        """One finished call: ``kind`` None on success. Facts "bytes" and "cache" move the
-        byte and cache counters.
+        """One finished call, as the dispatcher's observer: ``kind`` None on success. Facts
+        "bytes" and "cache" move the byte and cache counters.
 
         Called on the event loop only (the dispatcher's observers run there), so the call
         counts need no lock: one writer, and readers copy the dict in one step.
         """
-        key = (method, kind or "ok")
+        kind = record.kind
+        key = (record.method, kind or "ok")
         calls = self._calls
         calls[key] = calls.get(key, 0) + 1
+        facts = record.facts
         if kind is None and facts:
+            method = record.method
             moved = facts.get("bytes")
             cache = facts.get("cache")
             with self._lock:

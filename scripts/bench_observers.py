@@ -2,10 +2,11 @@
 
     python3 -m scripts.bench_observers [--calls 5000] [--rounds 30]
 
-Dispatches ``health`` lines in-process through a Dispatcher with no observers and through the
-daemon's own (``wiring.build_dispatcher``: the per-call log, then metrics), alternating, and
-reports the best CPU time per call of each. CPU time, because the socket round trip of
-scripts/bench_rpc.py is too noisy on a shared machine to resolve a microsecond.
+Serves ``health`` lines in-process as the transport does (``Dispatcher.quick``), through a
+Dispatcher with no observers and through the daemon's own (``wiring.build_dispatcher``: the
+per-call log, then metrics), alternating, and reports the best CPU time per call of each. CPU
+time, because the socket round trip of scripts/bench_rpc.py is too noisy on a shared machine
+to resolve a microsecond.
 
 Then it starts a real daemon and measures its own CPU time (utime + stime from /proc) per
 ``health`` call over its socket. The observers' extra CPU per call, divided by that, is what
@@ -15,12 +16,12 @@ they cost the daemon's ``health`` calls/s when it is CPU-bound. The target is <=
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,15 +37,17 @@ def _health(call: Call) -> dict[str, str]:
     return {"status": "healthy"}
 
 
-async def _per_call(dispatcher: Dispatcher, calls: int) -> float:
+def _per_call(dispatcher: Dispatcher, calls: int) -> float:
     peer = Peer(uid=0, gid=0, pid=1, is_admin=True)
+    cancel = threading.Event()
     start = time.process_time()
     for _ in range(calls):
-        await dispatcher.handle(LINE, peer)
+        if dispatcher.quick(LINE, peer, cancel) is None:
+            raise SystemExit("health did not take the quick path")
     return (time.process_time() - start) / calls
 
 
-async def _run(calls: int, rounds: int) -> float:
+def _run(calls: int, rounds: int) -> float:
     """The observers' extra CPU per call, in seconds."""
     table = {"health": MethodSpec("health", _health, Access.OPEN, blocking=False)}
     plain = Dispatcher(table, workers=1)
@@ -52,8 +55,8 @@ async def _run(calls: int, rounds: int) -> float:
     a: list[float] = []
     b: list[float] = []
     for _ in range(rounds):
-        a.append(await _per_call(plain, calls))
-        b.append(await _per_call(observed, calls))
+        a.append(_per_call(plain, calls))
+        b.append(_per_call(observed, calls))
     best_a, best_b = min(a), min(b)
     print(f"dispatcher CPU per health call: no observers {best_a * 1e6:.2f} us, "
           f"per-call log + metrics {best_b * 1e6:.2f} us (+{(best_b - best_a) * 1e6:.2f} us)")
@@ -100,7 +103,7 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=30)
     args = ap.parse_args()
-    extra = asyncio.run(_run(args.calls, args.rounds))
+    extra = _run(args.calls, args.rounds)
     whole = daemon_cpu_per_call(args.calls * 2, max(3, args.rounds // 5))
     share = extra / whole
     print(f"daemon CPU per health call over its socket: {whole * 1e6:.1f} us; "

@@ -339,40 +339,65 @@ QUICK_LINES = [
 ]
 
 
+# Lines the quick path leaves to the full one: it answers None and handle() decides.
+NOT_QUICK_LINES = [
+    b'{"jsonrpc":"2.0","method":"echo","params":["hi"],"id":13}',  # positional params
+    b'{"jsonrpc":"2.0","method":"echo","params":{"what":"hi"}}',  # a notification
+    b' {"jsonrpc":"2.0","method":"health","id":1}',  # leading whitespace
+    b'{"jsonrpc":"2.0","method":"health","id":1} ',  # trailing whitespace
+    b'{"jsonrpc":"2.0","method":"health","params":null,"id":1}',
+    b'{"jsonrpc":"2.0","method":"health","id":1.5}',
+    b'{"jsonrpc":"2.0","method":"health","id":true}',
+    b'{"jsonrpc":"2.0","method":"health","id":1,"x":2}',
+    b'{"jsonrpc":"1.0","method":"health","id":1}',
+    b'{"jsonrpc":"2.0","method":["health"],"id":1}',
+    b'{"jsonrpc":"2.0","method":"nope","id":1}',
+    b'{"jsonrpc":"2.0","method":"fetch","params":{"name":"a"},"id":1}',  # runs on a worker
+    b'[{"jsonrpc":"2.0","method":"health","id":1}]',
+    b'{"jsonrpc":"2.0","method":"health","id":1',
+    b'{"jsonrpc":"2.0","method":"health","id":1}{}',
+    b'{"jsonrpc":"2.0","method":"health","params":{"x":"' + b"a" * 2000 + b'"},"id":1}',  # long
+    b"\xff",
+]
+
+
 @pytest.mark.parametrize("peer", [ROOT, MEMBER])
-def test_quick_calls_answer_the_same_bytes_with_or_without_jsonrpcserver_dispatch(peer: Peer) -> None:
-    # Quick requests skip jsonrpcserver's dispatch; the reply must be the one it would give.
-    direct, library = Dispatcher(TABLE, workers=1), Dispatcher(TABLE, workers=1, direct=False)
+def test_the_quick_path_answers_the_bytes_of_the_full_one(peer: Peer) -> None:
+    # The transport answers quick requests through Dispatcher.quick and everything else
+    # through handle(), whose quick methods go through jsonrpcserver's dispatch: same bytes.
+    d = Dispatcher(TABLE, workers=1)
     try:
-        for line in QUICK_LINES:
-            ours = asyncio.run(direct.handle(line, peer))
-            theirs = asyncio.run(library.handle(line, peer))
-            assert ours == theirs, line
-        kinds = [json.loads(asyncio.run(direct.handle(line, peer)) or b"null") for line in QUICK_LINES]
-        assert kinds[0] == {"jsonrpc": "2.0", "result": {"status": "healthy"}, "id": 1}
-        assert kinds[5]["error"]["data"]["kind"] == "invalid_params"
-        assert kinds[7]["error"]["data"]["kind"] == "not_found"
-        assert kinds[8]["error"]["data"]["kind"] == kinds[9]["error"]["data"]["kind"] == "internal"
-        assert kinds[10]["result"] == {"a": 1}
-        assert kinds[12].get("error", {}).get("data", {}).get("kind") == (None if peer.is_admin else "forbidden")
-        assert kinds[15] is None  # a notification
+        for line in QUICK_LINES[:14]:
+            quick = d.quick(line, peer, threading.Event())
+            assert quick is not None, line
+            assert quick == asyncio.run(d.handle(line, peer)), line
+        for line in QUICK_LINES[14:] + NOT_QUICK_LINES:
+            assert d.quick(line, peer, threading.Event()) is None, line
+        replies = [json.loads(d.quick(line, peer, threading.Event()) or b"null") for line in QUICK_LINES[:14]]
+        assert replies[0] == {"jsonrpc": "2.0", "result": {"status": "healthy"}, "id": 1}
+        assert replies[1]["id"] == "x" and replies[4]["id"] is None
+        assert replies[5]["error"]["data"]["kind"] == "invalid_params"
+        assert replies[7]["error"]["data"]["kind"] == "not_found"
+        assert replies[8]["error"]["data"]["kind"] == replies[9]["error"]["data"]["kind"] == "internal"
+        assert replies[10]["result"] == {"a": 1}
+        assert replies[12].get("error", {}).get("data", {}).get("kind") == (None if peer.is_admin else "forbidden")
     finally:
-        direct.close()
-        library.close()
+        d.close()
 
 
 def test_quick_calls_are_observed_the_same_on_both_paths() -> None:
     seen: dict[bool, list[tuple[str, str | None]]] = {True: [], False: []}
-    for direct in (True, False):
-        out = seen[direct]
+    for quick in (True, False):
+        out = seen[quick]
 
         def observe(record: CallRecord, out: list[tuple[str, str | None]] = out) -> None:
             out.append((record.method, record.kind))
 
-        d = Dispatcher(TABLE, workers=1, direct=direct, observers=[observe])
+        d = Dispatcher(TABLE, workers=1, observers=[observe])
         try:
             for line in QUICK_LINES:
-                asyncio.run(d.handle(line, MEMBER))
+                if not quick or d.quick(line, MEMBER, threading.Event()) is None:
+                    asyncio.run(d.handle(line, MEMBER))
         finally:
             d.close()
     assert seen[True] == seen[False]

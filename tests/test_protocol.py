@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import socket
+import termios
 import threading
 import time
 from collections.abc import Mapping
@@ -24,6 +26,7 @@ from azaiond.errors import NotFound
 from azaiond.rpc.dispatch import validate_params
 from azaiond.rpc.table import Access, Call, MethodSpec, Param, Peer
 from tests.fixtures_daemon import DaemonHandle, recv_line, recv_lines, request_line
+from tests.support.polling import wait_until
 
 CAP = 1024 * 1024  # socket.max_message_mb: 1
 HEALTHY = {"status": "healthy"}
@@ -158,6 +161,33 @@ def test_two_requests_in_one_write_and_order_kept(daemon: DaemonHandle) -> None:
         s.sendall(b"".join(request_line("health", id_=i) for i in range(500)))
         ids = [json.loads(line)["id"] for _, line in zip(range(500), recv_lines(s), strict=False)]
         assert ids == list(range(500))
+
+
+def _unread(sock: socket.socket) -> int:
+    """Bytes this socket sent that its peer has not read yet (SIOCOUTQ)."""
+    out = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return int.from_bytes(out, "little")
+
+
+def test_quick_replies_to_a_caller_that_reads_late_all_arrive_in_order(daemon: DaemonHandle) -> None:
+    # Quick requests read one at a time are answered in the readiness callback. Once the
+    # caller's buffers are full, the rest of a reply goes to the serving task, which stops
+    # reading until it is written: every reply must arrive once, whole and in order.
+    with daemon.connect() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sent = 0
+        while True:
+            s.sendall(request_line("health", id_=sent))
+            sent += 1
+            # Each request alone: wait until the daemon has read it, or stopped reading.
+            if not wait_until(lambda: _unread(s) == 0, timeout=1.0, interval=0.0002):
+                break
+            assert sent < 100_000, "the daemon never stopped reading for a caller that reads nothing"
+        assert sent > 10
+        ids = [json.loads(line)["id"] for _, line in zip(range(sent), recv_lines(s), strict=False)]
+        assert ids == list(range(sent))
+        s.sendall(request_line("status", id_="after"))
+        assert json.loads(recv_line(s))["id"] == "after"
 
 
 def test_client_leaving_mid_request_disturbs_nobody(daemon: DaemonHandle) -> None:

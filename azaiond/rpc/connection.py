@@ -54,8 +54,8 @@ def recvmsg(sock: socket.socket, size: int) -> tuple[bytes, list[int]]:
 class Connection:
     """One accepted connection: its socket, peer, read state, cancel event and progress state."""
 
-    __slots__ = ("busy", "calling", "cancel", "flush_pending", "held", "idle_since", "latest",
-                 "notify", "peer", "reading", "sock", "stash", "task", "unsent", "waiter", "want")
+    __slots__ = ("busy", "calling", "cancel", "flush_pending", "fresh", "held", "idle_since", "latest", "notify",
+                 "owed", "peer", "reading", "sock", "stash", "task", "unsent", "waiter", "want")
 
     def __init__(self, sock: socket.socket, peer: Peer) -> None:
         self.sock = sock
@@ -80,3 +80,8 @@ class Connection:
         self.flush_pending = False
         self.unsent = b""  # the rest of a progress line the socket did not take at once
         self.notify: Any = None
+        # Quick requests answered in the readiness callback (Server._answer_here): only while
+        # no unfinished message waits (``fresh``); the rest of a reply the socket did not
+        # take at once is ``owed``, and the serving task writes it.
+        self.fresh = True
+        self.owed = b""

@@ -9,9 +9,13 @@ is refused before it is built. jsonrpcserver is then used through its public API
 finds the method (-32601) and calls our wrapper, which checks access before params, so a
 caller who may not use a method learns nothing about its params.
 
-Quick methods (``MethodSpec.blocking`` False) go through the synchronous dispatch, which
-calls them inline with no task; blocking ones through the async dispatch, which awaits a
-worker thread. A batch is dispatched in slices with a yield to the event loop between them.
+Two ways in. ``quick`` serves, synchronously, a line that is one request with an id and
+named (or no) params to a quick method (``MethodSpec.blocking`` False: health, status,
+unlock_status), with the same checks, observers and reply bytes as the full way, and None for
+any other line; the transport tries it first. ``handle`` serves every line: quick methods
+through jsonrpcserver's synchronous dispatch, which calls them inline with no task, blocking
+ones through its async dispatch, which awaits a worker thread. A batch is dispatched in slices
+with a yield to the event loop between them.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from jsonrpcserver import JsonRpcError, Result, Success, async_dispatch_to_seria
 from azaiond.errors import AzaionError, InvalidParams, TooLarge
 from azaiond.rpc.checks import may_call, validate_params
 from azaiond.rpc.quota import Limits, MemberSlots, inline_need, inline_used
-from azaiond.rpc.table import Call, CallObserver, CallRecord, MethodSpec, MethodTable, Peer
+from azaiond.rpc.table import Access, Call, CallObserver, CallRecord, MethodSpec, MethodTable, Peer
 from azaiond.rpc.wire import (
     FORBIDDEN,
     INTERNAL_ERROR,
@@ -52,6 +56,8 @@ from azaiond.rpc.wire import (
     error_obj,
     fix_error,
     parse_batch,
+    quick_request,
+    result_line,
     shape_ok,
 )
 
@@ -127,6 +133,10 @@ def _identity(obj: Any) -> Any:
     return obj
 
 
+def _error_dict(error: JsonRpcError) -> dict[str, Any]:
+    return {"code": error.code, "message": error.message, "data": error.data}
+
+
 def _raise(exc: AzaionError) -> JsonRpcError:
     return JsonRpcError(exc.code, exc.message, {"kind": exc.kind})
 
@@ -151,7 +161,6 @@ class Dispatcher:
         cancel: threading.Event | None = None,
         observers: Sequence[CallObserver] = (),
         limits: Limits | None = None,
-        direct: bool = True,
     ) -> None:
         self.table = table
         self._own_executor = executor is None
@@ -164,15 +173,13 @@ class Dispatcher:
         self.limits = limits or Limits()
         total = self.limits.member_calls if self.limits.member_calls is not None else max(1, workers - 4)
         self._slots = MemberSlots(self.limits.calls_per_uid, total)
-        self._direct = direct
-        self._quick_runs: dict[str, Callable[..., dict[str, Any]]] = {}
+        self._quick_specs = {name: spec for name, spec in table.items() if not spec.blocking}
         self._quick: dict[str, Callable[..., Result]] = {}
         self._async: dict[str, Callable[..., Awaitable[Result]]] = {}
         for name, spec in table.items():
             self._async[name] = self._wrap_async(spec)
             if not spec.blocking:
-                run = self._quick_runs[name] = self._run_quick(spec)
-                self._quick[name] = self._as_method(run)
+                self._quick[name] = self._as_method(self._run_quick(spec))
         self._threads: set[Future[Mapping[str, Any]]] = set()
 
     def set_limits(self, limits: Limits) -> None:
@@ -193,21 +200,42 @@ class Dispatcher:
 
     # -- one call ------------------------------------------------------------------------
 
-    def _begin(self, spec: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
-        """Access, params and descriptor checks; the Call the handler gets."""
-        ctx: _Context = args[0]
-        if not may_call(spec, ctx.peer):
+    @staticmethod
+    def _open_call(
+        spec: MethodSpec,
+        peer: Peer,
+        params: dict[str, Any],
+        cancel: threading.Event,
+        *,
+        positional: bool = False,
+        fd: int | None = None,
+        fd_error: str | None = None,
+    ) -> tuple[Call, bool]:
+        """Access, then params, then descriptor checks, in that order: a caller who may not use
+        a method learns nothing about its params. The Call the handler gets, and whether the
+        caller asked for progress notifications."""
+        if spec.access is not Access.OPEN and not may_call(spec, peer):
             raise InvalidCall(FORBIDDEN, "forbidden", "forbidden")
-        if len(args) > 1:
+        if positional:
             raise InvalidCall(INVALID_PARAMS, "params must be named", "invalid_params")
-        # Progress notifications are the transport's, not the method's: opt-in, stripped here.
-        wants_progress = kwargs.pop("progress", False)
-        if type(wants_progress) is not bool:
-            raise InvalidCall(INVALID_PARAMS, "param 'progress' must be boolean", "invalid_params")
-        validate_params(spec.params, kwargs)
-        if ctx.fd_error is not None:
-            raise InvalidParams(ctx.fd_error)
-        call = Call(peer=ctx.peer, params=kwargs, fd=ctx.fd, cancel=ctx.cancel)
+        wants_progress = False
+        if params:
+            # Progress notifications are the transport's, not the method's: opt-in, stripped here.
+            wants_progress = params.pop("progress", False)
+            if type(wants_progress) is not bool:
+                raise InvalidCall(INVALID_PARAMS, "param 'progress' must be boolean", "invalid_params")
+        if params or spec.params:
+            validate_params(spec.params, params)
+        if fd_error is not None:
+            raise InvalidParams(fd_error)
+        return Call(peer, params, fd, cancel), wants_progress
+
+    def _begin(self, spec: MethodSpec, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+        """The Call for jsonrpcserver's wrappers, whose first argument is the message's context."""
+        ctx: _Context = args[0]
+        call, wants_progress = self._open_call(
+            spec, ctx.peer, kwargs, ctx.cancel, positional=len(args) > 1, fd=ctx.fd, fd_error=ctx.fd_error
+        )
         if wants_progress and ctx.notify is not None and ctx.request_id is not None:
             call.progress = Progress(ctx.notify, ctx.request_id)
         return call
@@ -223,18 +251,20 @@ class Dispatcher:
                 log.exception("a call observer failed")
 
     @staticmethod
-    def _result(name: str, result: Any, call: Call, ctx: _Context) -> dict[str, Any]:
-        """The handler's result as a plain dict; descriptors it made for the reply go to the
-        transport (only a single request with an id can carry them)."""
+    def _result(name: str, result: Any, call: Call, reply_fds: list[int] | None) -> dict[str, Any]:
+        """The handler's result as a plain dict; descriptors it made for the reply go to
+        ``reply_fds``, the transport's. None: the reply cannot carry them (a batch, a
+        notification, or a quick method, which is pure and answers from the loop)."""
         if type(result) is not dict:
             if not isinstance(result, Mapping):
                 log.error("method %s returned %s, not an object", name, type(result).__name__)
                 raise InvalidCall(INTERNAL_ERROR, "internal error", "internal")
             result = dict(result)
         if call.reply_fds:
-            if ctx.reply_fds is None:
-                raise InvalidParams(f"{name}: a reply descriptor needs a single request, not a batch or a notification")
-            ctx.reply_fds.extend(call.reply_fds)
+            if reply_fds is None:
+                raise InvalidParams(f"{name}: only a single request to a method that runs on a worker can get a "
+                                    "descriptor back, not a batch or a notification")
+            reply_fds.extend(call.reply_fds)
             call.reply_fds.clear()
         plain: dict[str, Any] = result
         return plain
@@ -257,7 +287,7 @@ class Dispatcher:
     def _run_quick(self, spec: MethodSpec) -> Callable[..., dict[str, Any]]:
         """A quick method as a plain call: ``(ctx, *args, **params)`` -> its result object.
 
-        Fails with JsonRpcError. Both the direct path and jsonrpcserver's dispatch call this.
+        Fails with JsonRpcError. jsonrpcserver's synchronous dispatch calls it.
         """
         handler, name, record = spec.handler, spec.name, self._record
 
@@ -267,7 +297,7 @@ class Dispatcher:
             kind: str | None = "internal"
             try:
                 call = self._begin(spec, args, kwargs)
-                result = self._result(name, handler(call), call, args[0])
+                result = self._result(name, handler(call), call, None)
                 kind = None
                 return result
             except Exception as exc:
@@ -306,7 +336,7 @@ class Dispatcher:
                     self._settle_inline(ctx, reserved, result)
                 else:
                     result = handler(call)
-                out = Success(self._result(name, result, call, ctx))
+                out = Success(self._result(name, result, call, ctx.reply_fds))
                 kind = None
                 return out
             except asyncio.CancelledError:
@@ -373,6 +403,51 @@ class Dispatcher:
 
     # -- lines ---------------------------------------------------------------------------
 
+    def quick(self, line: bytes, peer: Peer, cancel: threading.Event) -> bytes | None:
+        """The reply line to a line that is one quick request, served synchronously; None when
+        the line is anything else, for ``handle``.
+
+        A quick request has an id, named (or no) params, a method that runs on the loop, and
+        no descriptor (the transport calls this only for lines without one). Those are the
+        calls fleets make thousands of times a second (health, status), and jsonrpcserver's
+        dispatch would cost more than the rest of their round trip together
+        (docs/architecture.md). The checks, observers and reply bytes are the ones ``handle``
+        gives for the same line (tests/test_dispatch.py holds the two to the same bytes).
+        """
+        request = quick_request(line)
+        if request is None:
+            return None
+        name, id_, params = request
+        spec = self._quick_specs.get(name)
+        if spec is None:
+            return None
+        start = time.monotonic()
+        call: Call | None = None
+        kind: str | None = "internal"
+        try:
+            if params or spec.params or spec.access is not Access.OPEN:
+                call, _ = self._open_call(spec, peer, params, cancel)
+            else:  # nothing to check: health, status and unlock_status as clients call them
+                call = Call(peer, params, None, cancel)
+            result = spec.handler(call)
+            if type(result) is not dict or call.reply_fds:
+                result = self._result(name, result, call, None)
+            kind = None
+            return result_line(result, id_)
+        except Exception as exc:
+            kind, error = self._failure(name, exc, call)
+            return encode_reply({"jsonrpc": "2.0", "error": _error_dict(error), "id": id_}) + b"\n"
+        finally:
+            # _record, inlined: on this path its call is a fifth of what the observers cost.
+            observers = self._observers
+            if observers:
+                record = CallRecord(name, peer, kind, time.monotonic() - start, call.facts if call is not None else {})
+                for observe in observers:
+                    try:
+                        observe(record)
+                    except Exception:
+                        log.exception("a call observer failed")
+
     async def handle(
         self,
         line: bytes,
@@ -430,10 +505,6 @@ class Dispatcher:
         spec = self.table.get(obj["method"])
         # Our deserializer takes the parsed object as it is (no typing.cast: it costs a call).
         request: Any = obj
-        if self._direct and spec is not None and not spec.blocking and "id" in obj:
-            params = obj.get("params")
-            if params is None or type(params) is dict:
-                return self._direct_reply(spec.name, obj["id"], params or {}, ctx)
         if spec is None or not spec.blocking:
             # Quick methods and unknown names: the synchronous dispatch, no task, no extra turn.
             reply = dispatch_to_serializable(
@@ -446,21 +517,6 @@ class Dispatcher:
         if reply is None:
             return None  # a notification: no reply, whatever happened
         return encode_reply(fix_error(reply)) + b"\n"  # type: ignore[arg-type]
-
-    def _direct_reply(self, name: str, id_: Any, params: dict[str, Any], ctx: _Context) -> bytes:
-        """The reply to a quick request with named params, without jsonrpcserver's dispatch.
-
-        jsonrpcserver's dispatch costs about 30 us a call here, more than the rest of a round
-        trip (docs/architecture.md). A quick request with an id and named (or no) params needs
-        none of it: the method is known, and ``run`` does the checks the wrapper would. The
-        reply is the one jsonrpcserver would build, byte for byte (tests/test_dispatch.py).
-        """
-        try:
-            reply: dict[str, Any] = {"jsonrpc": "2.0", "result": self._quick_runs[name](ctx, **params), "id": id_}
-        except JsonRpcError as exc:
-            error = {"code": exc.code, "message": exc.message, "data": exc.data}
-            reply = {"jsonrpc": "2.0", "error": error, "id": id_}
-        return encode_reply(reply) + b"\n"
 
     async def _batch(self, items: list[Any], ctx: _Context) -> bytes | None:
         parts: list[bytes] = []

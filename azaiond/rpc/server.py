@@ -11,7 +11,10 @@ belongs to the last message that begins in the chunk it arrived with; one that n
 claims is closed at once.
 
 Requests on one connection are answered in order, one at a time; connections run
-concurrently.
+concurrently. A quick request (``Dispatcher.quick``: health, status) read while its connection
+waits for a message is answered in the readiness callback itself, without waking the
+connection's task: that wake-up (a future, a task step, a turn of the loop) cost more than the
+rest of the round trip.
 
 A caller that goes away cancels its call. Every connection is watched for the peer's hang-up
 by an epoll set of our own (registered for no event: EPOLLHUP is always reported, and only a
@@ -211,13 +214,51 @@ class Server:
             conn.reading = False
             return
         try:
-            conn.stash = recvmsg(conn.sock, conn.want)
+            data, fds = recvmsg(conn.sock, conn.want)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             waiter.set_exception(exc)
             return
+        if data and conn.fresh and not fds and data.find(b"\n") == len(data) - 1 and not self._closing:
+            try:
+                answered = self._answer_here(conn, data)
+            except OSError as exc:
+                waiter.set_exception(exc)
+                return
+            if answered:
+                return  # the connection waits on for its next message
+            if conn.owed:
+                data = b""  # answered, but the rest of the reply is the task's to write
+        conn.stash = (data, fds)
         waiter.set_result(None)
+
+    def _answer_here(self, conn: Connection, data: bytes) -> bool:
+        """Serve ``data``, one whole line, in the readiness callback if it is a quick request.
+
+        True when it was answered here: the serving task, still waiting for a message, never
+        wakes. Waking it would cost a future, a task step and a turn of the loop, which are
+        more than half of a health round trip (docs/performance.md). Only a line read while
+        the task waits (nothing in flight, nothing unfinished) comes here, so replies keep the
+        order of requests. A reply the socket does not take at once goes to the task as
+        ``owed``, to be written under the stall deadline.
+        """
+        try:
+            reply = self._dispatcher.quick(data[:-1], conn.peer, conn.cancel)
+        except Exception:
+            log.exception("the quick path failed; the line goes the full way")
+            return False
+        if reply is None:
+            return False
+        conn.idle_since = asyncio.get_running_loop().time()
+        try:
+            sent = conn.sock.send(reply)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent < len(reply):
+            conn.owed = reply[sent:]
+            return False
+        return True
 
     async def _recv(self, conn: Connection, size: int) -> tuple[bytes, list[int]]:
         loop = asyncio.get_running_loop()
@@ -319,7 +360,14 @@ class Server:
         try:
             while not self._closing:
                 # Never ask for more than would take the unfinished message past the cap.
+                conn.fresh = not partial
                 data, fds = await self._recv(conn, min(RECV_SIZE, cap + 1 - len(partial)))
+                if conn.owed:  # the readiness callback answered a quick request
+                    owed, conn.owed = conn.owed, b""
+                    conn.busy = True
+                    await self._write(conn, owed)
+                    conn.busy = False
+                    continue
                 if not data:
                     break  # the client went away; a half-sent message dies with it
                 pieces = data.split(b"\n")
@@ -355,8 +403,13 @@ class Server:
                     reply_fds: list[int] = []
                     try:
                         try:
-                            reply = await dispatcher.handle(line, conn.peer, mine, reply_fds,
-                                                            cancel=conn.cancel, notify=conn.notify)
+                            # A quick request is answered at once (several lines read together,
+                            # or a first one); anything else, or a line with a descriptor,
+                            # takes the full way.
+                            reply = None if mine else dispatcher.quick(line, conn.peer, conn.cancel)
+                            if reply is None:
+                                reply = await dispatcher.handle(line, conn.peer, mine, reply_fds,
+                                                                cancel=conn.cancel, notify=conn.notify)
                         finally:
                             conn.calling = False
                         if conn.unsent:

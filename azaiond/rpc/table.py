@@ -87,8 +87,8 @@ class MethodSpec:
     handler: Handler
     access: Access
     params: tuple[Param, ...] = ()
-    # True: the handler does I/O and runs on a worker thread. False: it is quick and pure and
-    # runs on the event loop (health, status, unlock_status).
+    # True: the handler does I/O and runs on a worker thread. False: it is quick and pure, runs
+    # on the event loop and passes no descriptor back (health, status, unlock_status).
     blocking: bool = True
 
 
