@@ -65,6 +65,7 @@ def child(args: list[str]) -> None:
     elif kind == "load":
         daemon = _services(args[1])
         for _ in range(2):  # the first load warms connections and pools, as a running daemon has them
+            os.sync()  # the timed load must not wait on the writeback of the one before (see _measure)
             with open(args[3], "wb", buffering=0) as out:
                 t = time.perf_counter()
                 daemon.resources.load(args[2], FOLDER, out)
@@ -128,7 +129,13 @@ def child(args: list[str]) -> None:
 
 
 def _measure(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """(seconds, peak RSS KiB) of one child run under /usr/bin/time -v."""
+    """(seconds, peak RSS KiB) of one child run under /usr/bin/time -v.
+
+    Dirty pages of the variant before are written back first: every variant writes hundreds
+    of MiB, and whichever ran next otherwise paid for some of that writeback (truncating or
+    rewriting a file waits for its pages under writeback), which made samples bimodal.
+    """
+    os.sync()
     t = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True, env=env, check=False)
     wall = time.perf_counter() - t
@@ -243,6 +250,7 @@ def main() -> int:
             def baseline(i: int = i) -> None:
                 enc = work / "enc.bin"
                 iv = os.urandom(16)
+                os.sync()  # as _measure does before every other variant
                 t = time.perf_counter()
                 subprocess.run(
                     [
