@@ -4,10 +4,12 @@
 
 Load (warm cache) of SIZE into a file, against:
   - openssl:   ``openssl enc -d -aes-256-cbc`` on the same ciphertext;
-  - bare loop: the same cryptography calls (update_into, reused buffers) with nothing around them.
+  - bare loop: the same cryptography calls (update_into, reused buffers) with nothing around them;
+  - sha256: the SHA-256 of the plaintext alone, which every load computes for its result.
 Upload of SIZE, against ``openssl enc`` to a file plus a boto3 ``upload_file`` of it to the same S3.
-Uploads go to scripts/s3sink.py (a fast S3-compatible origin on loopback), not to moto: moto's
-pure-Python S3 moves about 0.05 GiB/s and would be most of every upload's time.
+Uploads go to scripts/s3sink.py (a fast S3-compatible origin on loopback, which counts the bodies
+and drops them), not to moto: moto's pure-Python S3 moves about 0.05 GiB/s and would be most of
+every upload's time.
 Load through the daemon into a descriptor, against the in-process load.
 Format v2 (sealed AES-GCM chunks) against v1: warm load, upload, and the encryption alone (the
 plaintext file sealed or CBC-encrypted into a file, nothing else), since the upload's time is
@@ -15,7 +17,9 @@ a check that the transfer is not what decides the upload ratio.
 
 Every variant runs in its own child process under ``/usr/bin/time -v`` for its peak RSS; an
 "idle" child that builds the same services and does no transfer is the RSS baseline. Variants
-alternate and the medians are reported, with ratios taken within this run.
+alternate and the medians are reported, with ratios taken within this run. Every variant starts
+from the same memory state: no dirty pages of another (``os.sync``), outputs overwritten in
+place, and recycled page cache before each upload (``_overwrite``, ``_recycle``).
 """
 
 from __future__ import annotations
@@ -56,6 +60,35 @@ def _services(config_path: str) -> Any:
     return services
 
 
+def _overwrite(path: str, buffering: int = -1) -> Any:
+    """``path`` opened for writing from its start, not truncated (the writer truncates at its end).
+
+    On these VMs memory the guest frees goes back to the host (virtio-balloon free page
+    reporting), and touching it again costs about 0.7 s per GiB of host faults. Truncating a
+    1 GiB output file before writing it again frees its page cache, and that cost then fell on
+    whichever variant ran next, at random (bimodal samples). Overwriting in place keeps the
+    pages, so every variant writes its output into memory that is already there.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    return open(fd, "wb", buffering=buffering)
+
+
+def _recycle(path: Path, size_mb: int) -> None:
+    """Write ``size_mb`` MiB of page cache and free it at once, before an upload variant.
+
+    An upload writes a new cache entry, so it needs that much fresh page cache. Memory the
+    guest freed more than about two seconds ago has been handed back to the host (see
+    _overwrite) and costs host faults again; memory freed just now has not. Which of the two a
+    variant found depended on what ran before it, and made one format's samples bimodal.
+    Recycling first gives every upload variant the same start.
+    """
+    block = b"\0" * CHUNK
+    with open(path, "wb") as f:
+        for _ in range(size_mb):
+            f.write(block)
+    path.unlink()
+
+
 def child(args: list[str]) -> None:
     """One measured operation; prints {"seconds": ...} on stdout."""
     kind = args[0]
@@ -66,10 +99,11 @@ def child(args: list[str]) -> None:
         daemon = _services(args[1])
         for _ in range(2):  # the first load warms connections and pools, as a running daemon has them
             os.sync()  # the timed load must not wait on the writeback of the one before (see _measure)
-            with open(args[3], "wb", buffering=0) as out:
+            with _overwrite(args[3], buffering=0) as out:
                 t = time.perf_counter()
                 daemon.resources.load(args[2], FOLDER, out)
                 seconds = time.perf_counter() - t
+                out.truncate()
     elif kind == "upload":
         daemon = _services(args[1])
         fmt = int(args[4]) if len(args) > 4 else 1
@@ -82,12 +116,23 @@ def child(args: list[str]) -> None:
 
         key, fmt = bytes.fromhex(args[1]), int(args[4])
         t = time.perf_counter()
-        with open(args[2], "rb", buffering=0) as src, open(args[3], "wb") as dst:
+        with open(args[2], "rb", buffering=0) as src, _overwrite(args[3]) as dst:
             if fmt == 1:
                 crypto.encrypt_stream(src, dst, key)
             else:
                 header = sealed.make_header(sealed.MAGIC_SPLIT, key, 1, os.fstat(src.fileno()).st_size)
                 sealed.seal_stream(header, src, dst)
+            dst.truncate()
+        seconds = time.perf_counter() - t
+    elif kind == "sha256":
+        import hashlib
+
+        digest, buf = hashlib.sha256(), bytearray(CHUNK)
+        view = memoryview(buf)
+        t = time.perf_counter()
+        with open(args[1], "rb", buffering=0) as src:
+            while n := src.readinto(buf):
+                digest.update(view[:n])
         seconds = time.perf_counter() - t
     elif kind == "bare":
         from cryptography.hazmat.primitives import padding
@@ -95,7 +140,7 @@ def child(args: list[str]) -> None:
 
         key = bytes.fromhex(args[1])
         t = time.perf_counter()
-        with open(args[2], "rb", buffering=0) as src, open(args[3], "wb", buffering=0) as dst:
+        with open(args[2], "rb", buffering=0) as src, _overwrite(args[3], buffering=0) as dst:
             dec = Cipher(algorithms.AES(key), modes.CBC(src.read(16))).decryptor()
             inbuf, outbuf = bytearray(CHUNK), bytearray(CHUNK + 16)
             inview, outview = memoryview(inbuf), memoryview(outbuf)
@@ -108,6 +153,7 @@ def child(args: list[str]) -> None:
                 held = bytes(outview[m - 16 : m])
             unpad = padding.PKCS7(128).unpadder()
             dst.write(unpad.update(held) + unpad.finalize())
+            dst.truncate()
         seconds = time.perf_counter() - t
     elif kind == "s3put":
         import boto3
@@ -178,13 +224,12 @@ class _Daemon:
         self.client.call("login", {"email": creds["email"], "password": creds["password"]})
 
     def load(self, name: str, out: Path) -> float:
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
+        with _overwrite(str(out), buffering=0) as f:
             t = time.perf_counter()
-            self.client.call("load", {"name": name, "folder": FOLDER}, fd=fd)
-            return time.perf_counter() - t
-        finally:
-            os.close(fd)
+            self.client.call("load", {"name": name, "folder": FOLDER}, fd=f.fileno())
+            seconds = time.perf_counter() - t
+            f.truncate()  # at the daemon's end: its copy of the descriptor shares this offset
+            return seconds
 
     def stop(self) -> None:
         self.client.close()
@@ -214,7 +259,10 @@ def main() -> int:
     stack = DevStack.start(work / "stack")
     # Every upload (ours in both formats and boto3's baseline) goes to this origin; loads run
     # from the warm cache and never reach the CDN. moto stays up only as the stack's S3.
-    sink = S3Sink(work / "sink")
+    # Bodies go to /dev/null: a CDN's storage is not on the uploading host, and on these VMs
+    # the origin writing (and later freeing) another GiB of page cache per upload made the
+    # uploads' samples vary by a second (see _overwrite).
+    sink = S3Sink(work / "sink", discard=True)
     daemon: _Daemon | None = None
     try:
         socket_path = work / "d.sock"
@@ -248,33 +296,32 @@ def main() -> int:
                 record("upload", _measure(_py("upload", str(config), "res.bin", str(plain)), env))
 
             def baseline(i: int = i) -> None:
-                enc = work / "enc.bin"
+                enc = work / "enc.bin"  # kept across rounds and overwritten (see _overwrite)
                 iv = os.urandom(16)
                 os.sync()  # as _measure does before every other variant
                 t = time.perf_counter()
-                subprocess.run(
-                    [
-                        "openssl", "enc", "-aes-256-cbc", "-K", key.hex(), "-iv", iv.hex(),
-                        "-in", str(plain), "-out", str(enc),
-                    ],
-                    check=True,
-                )
+                with _overwrite(str(enc)) as f:
+                    subprocess.run(
+                        ["openssl", "enc", "-aes-256-cbc", "-K", key.hex(), "-iv", iv.hex(), "-in", str(plain)],
+                        stdout=f,
+                        check=True,
+                    )
+                    f.truncate()  # at openssl's end: it wrote through this descriptor's offset
                 ossl_enc = time.perf_counter() - t
                 put, put_rss = _measure(_py("s3put", *s3, str(enc), f"baseline-{i}.bin"), env)
                 record("upload_baseline", (ossl_enc + put, put_rss))
                 sink.store.delete(FOLDER, f"baseline-{i}.bin")
-                enc.unlink()
 
             def ours_v2() -> None:
                 record("upload_v2", _measure(_py("upload", str(config), "res2.bin", str(plain), "2"), env))
 
             steps = [with_cpu("upload", ours), with_cpu("upload_v2", ours_v2), with_cpu("upload_baseline", baseline)]
             for step in steps if i % 2 == 0 else steps[::-1]:
+                _recycle(work / "recycle.bin", args.size_mb + 256)
                 step()
-            enc_out = work / "enc-only.bin"
+            enc_out = work / "enc-only.bin"  # kept across rounds and overwritten (see _overwrite)
             for fmt in (1, 2) if i % 2 == 0 else (2, 1):
                 record(f"encrypt_v{fmt}", _measure(_py("encrypt", key.hex(), str(plain), str(enc_out), str(fmt)), env))
-            enc_out.unlink()
             if args.only == "upload":
                 record("idle", _measure(_py("idle", str(config)), env))
                 continue
@@ -305,6 +352,7 @@ def main() -> int:
                 ),
             )
             record("bare", _measure(_py("bare", key.hex(), str(ct), str(out)), env))
+            record("sha256", _measure(_py("sha256", str(plain)), env))
             record("idle", _measure(_py("idle", str(config)), env))
             if daemon is None:
                 daemon = _Daemon(config, socket_path, env)
@@ -317,8 +365,8 @@ def main() -> int:
         rss = {k: max(r for _, r in v) for k, v in rows.items()}
         size_gib = args.size_mb / 1024
         print(f"\nbench_core: {args.size_mb} MiB, {args.repeat} runs, medians (peak RSS in MiB)")
-        for k in ("load", "load_v2", "bare", "openssl", "daemon_load", "upload", "upload_v2", "upload_baseline",
-                  "encrypt_v1", "encrypt_v2", "idle"):
+        for k in ("load", "load_v2", "bare", "sha256", "openssl", "daemon_load", "upload", "upload_v2",
+                  "upload_baseline", "encrypt_v1", "encrypt_v2", "idle"):
             if k not in rows:
                 continue
             extra = f"  rss {rss[k] / 1024:7.1f}" if rss[k] else ""
@@ -339,6 +387,7 @@ def main() -> int:
                 print(f"  {k + ' peak RSS above idle':30s} {(rss[k] - idle) / 1024:.1f} MiB  (<= 64)")
             return 0
         print(f"  load / bare loop         {med['load'] / med['bare']:.3f}  (<= 1.10)")
+        print(f"  load / SHA-256 alone     {med['load'] / med['sha256']:.3f}  (the digest a load returns)")
         print(f"  load / openssl           {med['load'] / med['openssl']:.3f}")
         print(f"  bare / openssl           {med['bare'] / med['openssl']:.3f}  (0.60 on a trial machine)")
         print(f"  upload / baseline        {med['upload'] / med['upload_baseline']:.3f}  (<= 1.10)")

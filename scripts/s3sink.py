@@ -17,9 +17,12 @@ multipart objects anyway), verify ``x-amz-content-sha256``, or keep anything acr
 them fails loudly instead of storing framed bytes.
 
 Objects live under ``root`` as files; a completed multipart upload is the list of its part
-files, read back in order, so completing costs no copy. Path-style addressing only.
+files, read back in order, so completing costs no copy. Path-style addressing only. With
+``--discard`` (``discard=True``) bodies go to /dev/null and only their lengths are kept: an
+upload benchmark then measures the client alone, as with a CDN on another host, and objects
+cannot be read back.
 
-    python3 -m scripts.s3sink --root /var/tmp/sink [--port 0]
+    python3 -m scripts.s3sink --root /var/tmp/sink [--port 0] [--discard]
 """
 
 from __future__ import annotations
@@ -188,6 +191,9 @@ class Handler(BaseHTTPRequestHandler):
             raise SinkError(411, "MissingContentLength")
         left = int(length)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        if self.server.discard:  # the file stays empty: the object's length is kept, not its bytes
+            os.close(fd)
+            fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         try:
             reader = cast(io.BufferedReader, self.rfile)  # what StreamRequestHandler makes (rbufsize -1)
             buffered = reader.peek(1)[:left] if left else b""
@@ -430,9 +436,10 @@ class SinkServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, root: Path, port: int = 0) -> None:
+    def __init__(self, root: Path, port: int = 0, *, discard: bool = False) -> None:
         self.store = Store(root)
         self.pipes = _Pipes()
+        self.discard = discard
         super().__init__(("127.0.0.1", port), Handler)
 
     def server_close(self) -> None:
@@ -447,8 +454,8 @@ class SinkServer(ThreadingHTTPServer):
 class S3Sink:
     """The server on a background thread: ``S3Sink(root).url``, then ``stop()``."""
 
-    def __init__(self, root: Path, port: int = 0) -> None:
-        self.server = SinkServer(root, port)
+    def __init__(self, root: Path, port: int = 0, *, discard: bool = False) -> None:
+        self.server = SinkServer(root, port, discard=discard)
         self._thread = threading.Thread(target=self.server.serve_forever, name="s3sink", daemon=True)
         self._thread.start()
 
@@ -476,8 +483,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, required=True, help="where bodies are kept (created)")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--discard", action="store_true",
+                        help="write bodies to /dev/null: uploads only, nothing can be read back")
     args = parser.parse_args()
-    server = SinkServer(args.root, args.port)
+    server = SinkServer(args.root, args.port, discard=args.discard)
     print(f"s3sink on http://127.0.0.1:{server.server_address[1]}, bodies under {args.root}", flush=True)
     try:
         server.serve_forever()
