@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scripts.memstate import recycle
+
 FOLDER = "bench"
 NAME = "cold.bin"
 MIB = 1024 * 1024
@@ -169,22 +171,6 @@ def publish(stack: Any, root: Path, size: int) -> tuple[str, int]:
     return digest.hexdigest(), big_size
 
 
-def _recycle(path: Path, size_mb: int) -> None:
-    """Write ``size_mb`` MiB of page cache and free it at once, before a timed variant.
-
-    Both variants write the object to a new file. On these VMs memory the guest freed more
-    than about two seconds ago has been handed back to the host (virtio-balloon free page
-    reporting) and costs host faults to touch again, about 0.7 s per GiB; memory freed just now
-    has not. Without this the cold load, which deletes its last cache entry just before it
-    starts, found fresh memory and the baseline did not. (scripts/bench_core.py, ``_recycle``.)
-    """
-    block = b"\0" * MIB
-    with open(path, "wb") as f:
-        for _ in range(size_mb):
-            f.write(block)
-    path.unlink()
-
-
 def clear_state(state: Path) -> None:
     for sub in ("cache", "partial"):
         shutil.rmtree(state / sub, ignore_errors=True)
@@ -227,14 +213,14 @@ def main() -> int:
 
         def cold() -> None:
             clear_state(work / "direct-state")
-            _recycle(work / "recycle.bin", args.size_mb + 256)
+            recycle(work / "recycle.bin", args.size_mb + 256)
             seconds, result, got = direct.load_into_pipe()
             if isinstance(result, Exception) or result.get("sha256") != digest or got != size:
                 raise SystemExit(f"cold load failed: {result}")
             rows["cold"].append(seconds)
 
         def baseline() -> None:
-            _recycle(work / "recycle.bin", args.size_mb + 256)
+            recycle(work / "recycle.bin", args.size_mb + 256)
             out = work / "download.bin"
             proc = subprocess.run([sys.executable, "-m", "scripts.bench_cold", "--child-download", nginx.url, str(out)],
                                   check=True, capture_output=True, text=True)

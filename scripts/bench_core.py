@@ -19,7 +19,7 @@ Every variant runs in its own child process under ``/usr/bin/time -v`` for its p
 "idle" child that builds the same services and does no transfer is the RSS baseline. Variants
 alternate and the medians are reported, with ratios taken within this run. Every variant starts
 from the same memory state: no dirty pages of another (``os.sync``), outputs overwritten in
-place, and recycled page cache before each upload (``_overwrite``, ``_recycle``).
+place, and recycled page cache before each upload (scripts/memstate.py).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from typing import Any
 # azaiond elsewhere on the machine would otherwise be what they import and measure.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from scripts.memstate import overwrite, recycle
+
 CHUNK = 1024 * 1024
 FOLDER = "bench"
 
@@ -60,35 +62,6 @@ def _services(config_path: str) -> Any:
     return services
 
 
-def _overwrite(path: str, buffering: int = -1) -> Any:
-    """``path`` opened for writing from its start, not truncated (the writer truncates at its end).
-
-    On these VMs memory the guest frees goes back to the host (virtio-balloon free page
-    reporting), and touching it again costs about 0.7 s per GiB of host faults. Truncating a
-    1 GiB output file before writing it again frees its page cache, and that cost then fell on
-    whichever variant ran next, at random (bimodal samples). Overwriting in place keeps the
-    pages, so every variant writes its output into memory that is already there.
-    """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    return open(fd, "wb", buffering=buffering)
-
-
-def _recycle(path: Path, size_mb: int) -> None:
-    """Write ``size_mb`` MiB of page cache and free it at once, before an upload variant.
-
-    An upload writes a new cache entry, so it needs that much fresh page cache. Memory the
-    guest freed more than about two seconds ago has been handed back to the host (see
-    _overwrite) and costs host faults again; memory freed just now has not. Which of the two a
-    variant found depended on what ran before it, and made one format's samples bimodal.
-    Recycling first gives every upload variant the same start.
-    """
-    block = b"\0" * CHUNK
-    with open(path, "wb") as f:
-        for _ in range(size_mb):
-            f.write(block)
-    path.unlink()
-
-
 def child(args: list[str]) -> None:
     """One measured operation; prints {"seconds": ...} on stdout."""
     kind = args[0]
@@ -99,7 +72,7 @@ def child(args: list[str]) -> None:
         daemon = _services(args[1])
         for _ in range(2):  # the first load warms connections and pools, as a running daemon has them
             os.sync()  # the timed load must not wait on the writeback of the one before (see _measure)
-            with _overwrite(args[3], buffering=0) as out:
+            with overwrite(args[3], buffering=0) as out:
                 t = time.perf_counter()
                 daemon.resources.load(args[2], FOLDER, out)
                 seconds = time.perf_counter() - t
@@ -116,7 +89,7 @@ def child(args: list[str]) -> None:
 
         key, fmt = bytes.fromhex(args[1]), int(args[4])
         t = time.perf_counter()
-        with open(args[2], "rb", buffering=0) as src, _overwrite(args[3]) as dst:
+        with open(args[2], "rb", buffering=0) as src, overwrite(args[3]) as dst:
             if fmt == 1:
                 crypto.encrypt_stream(src, dst, key)
             else:
@@ -140,7 +113,7 @@ def child(args: list[str]) -> None:
 
         key = bytes.fromhex(args[1])
         t = time.perf_counter()
-        with open(args[2], "rb", buffering=0) as src, _overwrite(args[3], buffering=0) as dst:
+        with open(args[2], "rb", buffering=0) as src, overwrite(args[3], buffering=0) as dst:
             dec = Cipher(algorithms.AES(key), modes.CBC(src.read(16))).decryptor()
             inbuf, outbuf = bytearray(CHUNK), bytearray(CHUNK + 16)
             inview, outview = memoryview(inbuf), memoryview(outbuf)
@@ -224,7 +197,7 @@ class _Daemon:
         self.client.call("login", {"email": creds["email"], "password": creds["password"]})
 
     def load(self, name: str, out: Path) -> float:
-        with _overwrite(str(out), buffering=0) as f:
+        with overwrite(str(out), buffering=0) as f:
             t = time.perf_counter()
             self.client.call("load", {"name": name, "folder": FOLDER}, fd=f.fileno())
             seconds = time.perf_counter() - t
@@ -261,7 +234,7 @@ def main() -> int:
     # from the warm cache and never reach the CDN. moto stays up only as the stack's S3.
     # Bodies go to /dev/null: a CDN's storage is not on the uploading host, and on these VMs
     # the origin writing (and later freeing) another GiB of page cache per upload made the
-    # uploads' samples vary by a second (see _overwrite).
+    # uploads' samples vary by a second (scripts/memstate.py).
     sink = S3Sink(work / "sink", discard=True)
     daemon: _Daemon | None = None
     try:
@@ -296,11 +269,11 @@ def main() -> int:
                 record("upload", _measure(_py("upload", str(config), "res.bin", str(plain)), env))
 
             def baseline(i: int = i) -> None:
-                enc = work / "enc.bin"  # kept across rounds and overwritten (see _overwrite)
+                enc = work / "enc.bin"  # kept across rounds and overwritten (scripts/memstate.py)
                 iv = os.urandom(16)
                 os.sync()  # as _measure does before every other variant
                 t = time.perf_counter()
-                with _overwrite(str(enc)) as f:
+                with overwrite(str(enc)) as f:
                     subprocess.run(
                         ["openssl", "enc", "-aes-256-cbc", "-K", key.hex(), "-iv", iv.hex(), "-in", str(plain)],
                         stdout=f,
@@ -317,9 +290,9 @@ def main() -> int:
 
             steps = [with_cpu("upload", ours), with_cpu("upload_v2", ours_v2), with_cpu("upload_baseline", baseline)]
             for step in steps if i % 2 == 0 else steps[::-1]:
-                _recycle(work / "recycle.bin", args.size_mb + 256)
+                recycle(work / "recycle.bin", args.size_mb + 256)
                 step()
-            enc_out = work / "enc-only.bin"  # kept across rounds and overwritten (see _overwrite)
+            enc_out = work / "enc-only.bin"  # kept across rounds and overwritten (scripts/memstate.py)
             for fmt in (1, 2) if i % 2 == 0 else (2, 1):
                 record(f"encrypt_v{fmt}", _measure(_py("encrypt", key.hex(), str(plain), str(enc_out), str(fmt)), env))
             if args.only == "upload":
