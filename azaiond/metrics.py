@@ -3,9 +3,9 @@
 Services feed this through a few plain methods (``observe_call``, ``add_bytes``, ``api_latency``,
 ``cdn_latency``, ``unlock_finished``), and counters and gauges they keep themselves are read
 when metrics are asked for (``cache_counts``, ``gauge``). Nothing here knows the RPC layer (the
-wiring hands ``observe_call`` to the dispatcher, which calls it with each finished call). Every update takes one
-uncontended lock for a few dict operations, so feeding costs well under a microsecond; the
-text is built only when someone asks for it.
+wiring hands ``observe_call`` to the dispatcher, which calls it with each finished call). Every
+update takes one uncontended lock for a few dict operations, so feeding costs well under a
+microsecond; the text is built only when someone asks for it.
 """
 
 from __future__ import annotations

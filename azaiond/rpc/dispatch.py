@@ -427,11 +427,11 @@ class Dispatcher:
         try:
             if params or spec.params or spec.access is not Access.OPEN:
                 call, _ = self._open_call(spec, peer, params, cancel)
-            else:  # nothing to check: health, status and unlock_status as clients call them
+            else:
+                # Nothing to check (health, status and unlock_status as clients call them), and
+                # skipping the call to _open_call saves 5-8 % of this path's CPU (bench_observers).
                 call = Call(peer, params, None, cancel)
-            result = spec.handler(call)
-            if type(result) is not dict or call.reply_fds:
-                result = self._result(name, result, call, None)
+            result = self._result(name, spec.handler(call), call, None)
             kind = None
             return result_line(result, id_)
         except Exception as exc:
